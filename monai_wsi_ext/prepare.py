@@ -1,0 +1,298 @@
+"""Slide -> tissue mask -> labelled patch grid, for one slide or a batch, with atomic outputs.
+
+Per slide ``<output_dir>/<slide_id>/`` holds ``patches.csv`` (the patch table), ``tissue_mask.png`` (with its
+downsample in a PNG text chunk) and ``meta.json`` (slide geometry, grid shape, counts, the settings used). The
+batch writes ``datalist.json`` (MONAI ``PatchWSIDataset`` items, grouped by split) and ``summary.json``
+(which slides failed and why). ``meta.json`` is written last, so a slide with a ``meta.json`` is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from monai_wsi_ext.errors import MonaiWsiExtError
+from monai_wsi_ext.grid import PatchGrid, PatchLabel, label_cells, make_grid, write_patch_table
+from monai_wsi_ext.io_utils import write_json_atomic
+from monai_wsi_ext.tissue import detect_tissue, save_mask_png
+from monai_wsi_ext.wsi import open_slide
+
+__all__ = ["PrepareConfig", "SlideInput", "prepare_slide", "prepare_dataset", "collect_inputs", "datalist_items"]
+
+logger = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".btf")
+ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of the patch-grid step (defaults follow the paper).
+
+    Attributes:
+        patch_size: patch side in pixels at the read level.
+        level: read level; ignored when ``target_mpp`` is set.
+        target_mpp: read at the level closest to this mpp (within ``mpp_rtol``).
+        mpp_rtol: relative tolerance for ``target_mpp``.
+        mpp: level-0 mpp to assume for slides whose file has none (Camelyon16 TIFFs: 0.243).
+        backend: slide reader backend (``auto``, ``cucim``, ``openslide``, ``tiffslide``).
+        tissue_threshold: minimum tissue fraction of a kept cell.
+        tissue_channel: Otsu channel (``saturation``, ``gray``, ``od``).
+        thumbnail_max_size: longest side of the image tissue detection runs on.
+        tissue_level: run tissue detection on this level instead.
+        min_object_um2: smallest tissue component kept.
+        min_hole_um2: largest hole filled.
+        tumor_threshold: minimum tumor fraction of a tumor cell.
+        normal_threshold: minimum normal fraction of a normal cell.
+        exhaustive: annotations mark all tumor, so unannotated tissue is normal.
+        label_cells_px: label-mask pixels per cell side used for rasterising annotations.
+        class_map: class name -> ``tumor``/``normal``/``exclude`` for GeoJSON/ImageScope classes.
+        label_mask_tumor_values: values of a label-mask TIFF/PNG that mean tumor.
+        label_mask_normal_values: values that mean normal.
+    """
+
+    patch_size: int = 256
+    level: int = 0
+    target_mpp: float | None = None
+    mpp_rtol: float = 0.1
+    mpp: float | None = None
+    backend: str = "auto"
+    tissue_threshold: float = 0.8
+    tissue_channel: str = "saturation"
+    thumbnail_max_size: int = 2048
+    tissue_level: int | None = None
+    min_object_um2: float = 20000.0
+    min_hole_um2: float = 20000.0
+    tumor_threshold: float = 0.2
+    normal_threshold: float = 0.8
+    exhaustive: bool = True
+    label_cells_px: int = 16
+    class_map: dict | None = None
+    label_mask_tumor_values: tuple = (2, 255)
+    label_mask_normal_values: tuple = (1,)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SlideInput:
+    """One slide to prepare: its file, its annotation (optional), its id and its split."""
+
+    image: str
+    annotation: str | None = None
+    slide_id: str | None = None
+    split: str = "training"
+    tissue_mask: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.slide_id is None:
+            self.slide_id = Path(self.image).stem
+        self.slide_id = str(self.slide_id)
+
+
+def _label_mask_for(inp: SlideInput, cfg: PrepareConfig, slide_size: tuple[int, int], cell: float):
+    """Rasterise the slide's annotation to a label mask (0 none, 1 normal, 2 tumor) and its downsample."""
+    from monai_wsi_ext import annotations as ann
+
+    width, height = slide_size
+    downsample = max(cell / cfg.label_cells_px, 1.0)
+    shape = (int(np.ceil(height / downsample)), int(np.ceil(width / downsample)))
+    path = Path(inp.annotation)
+    if path.suffix.lower() in (".png", ".tif", ".tiff"):
+        raw = ann.read_label_mask(path, tumor_values=tuple(cfg.label_mask_tumor_values),
+                                  normal_values=tuple(cfg.label_mask_normal_values))
+        return raw, width / raw.shape[1]
+    polygons = ann.read_annotations(path, class_map=cfg.class_map)
+    return ann.rasterize_annotations(polygons, shape, downsample, path_for_errors=path), downsample
+
+
+def prepare_slide(inp: SlideInput, output_dir: str | os.PathLike, cfg: PrepareConfig | None = None) -> dict:
+    """Run tissue detection, the patch grid and labelling for one slide and write its outputs.
+
+    Returns:
+        the slide's ``meta.json`` content.
+
+    Raises:
+        MonaiWsiExtError: the slide or its annotation cannot be read (``WSIReadError``/``AnnotationError``).
+    """
+    cfg = cfg or PrepareConfig()
+    out = Path(output_dir) / inp.slide_id
+    with open_slide(inp.image, backend=cfg.backend, mpp=inp.extra.get("mpp", cfg.mpp)) as slide:
+        level = slide.level_for_mpp(cfg.target_mpp, cfg.mpp_rtol) if cfg.target_mpp else int(cfg.level)
+        if not 0 <= level < slide.level_count:
+            raise MonaiWsiExtError(f"{inp.image}: level {level} requested but the slide has {slide.level_count}")
+        tissue = detect_tissue(slide, level=cfg.tissue_level, max_size=cfg.thumbnail_max_size,
+                               channel=cfg.tissue_channel, min_object_um2=cfg.min_object_um2,
+                               min_hole_um2=cfg.min_hole_um2, external_mask=inp.tissue_mask)
+        grid = make_grid(inp.slide_id, slide.dimensions, tissue.mask, tissue.downsample, cfg.patch_size, level,
+                         slide.level_downsamples[level], cfg.tissue_threshold)
+        if inp.annotation:
+            label_mask, label_ds = _label_mask_for(inp, cfg, slide.dimensions, grid.cell_size)
+            label_cells(grid, label_mask, label_ds, tissue.mask, tissue.downsample, exhaustive=cfg.exhaustive,
+                        tumor_threshold=cfg.tumor_threshold, normal_threshold=cfg.normal_threshold)
+        elif cfg.exhaustive and inp.extra.get("negative", False):
+            # a slide known to be tumor-free (e.g. Camelyon16 Normal_*) without an annotation file
+            grid.normal = grid.tissue.copy()
+            grid.labels = np.where(grid.normal >= cfg.normal_threshold, PatchLabel.NORMAL, PatchLabel.NOLABEL)
+        out.mkdir(parents=True, exist_ok=True)
+        save_mask_png(out / "tissue_mask.png", tissue)
+        write_patch_table(out / "patches.csv", grid)
+        meta = {
+            "slide_id": inp.slide_id, "image": str(Path(inp.image).resolve()),
+            "annotation": str(Path(inp.annotation).resolve()) if inp.annotation else None, "split": inp.split,
+            "backend": slide.backend, "dimensions": list(slide.dimensions), "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source, "level_count": slide.level_count, "level": level,
+            "level_downsample": slide.level_downsamples[level], "patch_size": cfg.patch_size,
+            "cell_size": grid.cell_size, "grid_shape": list(grid.shape), "tissue_mask": "tissue_mask.png",
+            "tissue_mask_downsample": tissue.downsample, "tissue_fraction": tissue.fraction,
+            "tissue_threshold_value": tissue.threshold, "counts": grid.counts(), "config": asdict(cfg),
+            "config_fingerprint": cfg.fingerprint(), "input_signature": _signature(inp),
+        }
+    if len(grid) == 0:
+        logger.warning("%s: no patch-grid cell has >= %.0f%% tissue (tissue is %.2f%% of the thumbnail); the slide "
+                       "contributes no patches", inp.image, 100 * cfg.tissue_threshold, 100 * tissue.fraction)
+    write_json_atomic(out / "meta.json", meta)  # last: its presence marks the slide as complete
+    return meta
+
+
+def _signature(inp: SlideInput) -> dict:
+    sig = {}
+    for key in ("image", "annotation", "tissue_mask"):
+        p = getattr(inp, key)
+        if p:
+            st = Path(p).stat()
+            sig[key] = [str(Path(p).resolve()), st.st_size, int(st.st_mtime)]
+    return sig
+
+
+def _is_done(inp: SlideInput, output_dir: Path, cfg: PrepareConfig) -> dict | None:
+    meta_path = output_dir / inp.slide_id / "meta.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("config_fingerprint") != cfg.fingerprint() or meta.get("input_signature") != _signature(inp):
+        return None
+    return meta
+
+
+def datalist_items(meta: dict, output_dir: str | os.PathLike, include_nolabel: bool = False) -> list[dict]:
+    """MONAI ``PatchWSIDataset`` items for one prepared slide.
+
+    Each item has ``image`` (slide path), ``location`` (level-0 ``[y, x]``, MONAI's order), ``size``
+    (``[h, w]`` at ``level``), ``level``, ``label`` (1 tumor / 0 normal; nolabel omitted unless asked) and the
+    grid position ``row``/``col`` and ``slide_id``.
+    """
+    import csv
+
+    items = []
+    with open(Path(output_dir) / meta["slide_id"] / "patches.csv", newline="") as f:
+        for d in csv.DictReader(f):
+            label = int(d["label"])
+            if label == PatchLabel.NOLABEL and not include_nolabel:
+                continue
+            items.append({"image": meta["image"], "location": [int(d["y"]), int(d["x"])],
+                          "size": [int(d["patch_size"])] * 2, "level": int(d["level"]), "label": label,
+                          "row": int(d["row"]), "col": int(d["col"]), "slide_id": meta["slide_id"]})
+    return items
+
+
+def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: str | os.PathLike | None = None,
+                   manifest: str | os.PathLike | None = None, split: str = "training") -> list[SlideInput]:
+    """Build the list of slides to prepare.
+
+    Args:
+        slides: a folder of slides, one slide file, or a list of slide files.
+        annotations: a folder holding annotations named after the slides (``<stem>.xml``, ``.geojson``,
+            ``.json``, or a label mask ``<stem>_mask.tif``/``.png``); defaults to the slides' folder.
+        manifest: a dataset manifest JSON (as written by ``make_demo_slides``) instead of ``slides``.
+        split: split name for slides not from a manifest.
+    """
+    if manifest is not None:
+        manifest = Path(manifest)
+        data = json.loads(manifest.read_text())
+        root = manifest.parent
+        inputs = []
+        for rec in data["slides"]:
+            ann = rec.get("asap_xml") or rec.get("geojson") or rec.get("annotation")
+            inputs.append(SlideInput(image=str(root / rec["image"]), annotation=str(root / ann) if ann else None,
+                                     slide_id=str(rec["id"]), split=_split_name(rec.get("split", split))))
+        return inputs
+    if slides is None:
+        raise ValueError("give `slides` (a folder, a file or a list of files) or `manifest`.")
+    if isinstance(slides, (list, tuple)):
+        files = [Path(s) for s in slides]
+    elif Path(slides).is_dir():
+        files = sorted(p for p in Path(slides).iterdir() if p.suffix.lower() in SLIDE_SUFFIXES
+                       and not p.stem.endswith("_mask"))
+    else:
+        files = [Path(slides)]
+    ann_dir = Path(annotations) if annotations is not None else None
+    inputs = []
+    for f in files:
+        folder = ann_dir or f.parent
+        ann = next((folder / f"{f.stem}{s}" for s in ANNOTATION_SUFFIXES if (folder / f"{f.stem}{s}").exists()), None)
+        if ann is None:
+            ann = next((folder / f"{f.stem}_mask{s}" for s in (".tif", ".png") if (folder / f"{f.stem}_mask{s}").exists()),
+                       None)
+        inputs.append(SlideInput(image=str(f), annotation=str(ann) if ann else None, split=_split_name(split)))
+    return inputs
+
+
+def _split_name(split: str) -> str:
+    return {"train": "training", "val": "validation", "valid": "validation", "test": "test"}.get(split, split)
+
+
+def prepare_dataset(inputs: list[SlideInput], output_dir: str | os.PathLike, cfg: PrepareConfig | None = None,
+                    overwrite: bool = False, progress: bool = True) -> dict:
+    """Prepare every slide; a slide that fails is reported and skipped, the others finish.
+
+    Returns:
+        the summary (also written to ``summary.json``): ``done``, ``skipped`` (already prepared), ``failed``
+        (slide id -> reason) and the datalist path.
+    """
+    cfg = cfg or PrepareConfig()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ids = [i.slide_id for i in inputs]
+    dupes = {s for s in ids if ids.count(s) > 1}
+    if dupes:
+        raise ValueError(f"slide ids must be unique, these repeat: {sorted(dupes)}")
+    try:
+        from tqdm import tqdm
+
+        iterator = tqdm(inputs, desc="prepare", unit="slide", disable=not progress or len(inputs) < 2)
+    except ImportError:  # pragma: no cover
+        iterator = inputs
+    done, skipped, failed, metas = [], [], {}, {}
+    for inp in iterator:
+        meta = None if overwrite else _is_done(inp, output_dir, cfg)
+        if meta is not None:
+            skipped.append(inp.slide_id)
+            metas[inp.slide_id] = meta
+            continue
+        try:
+            metas[inp.slide_id] = prepare_slide(inp, output_dir, cfg)
+            done.append(inp.slide_id)
+        except (MonaiWsiExtError, OSError, ValueError) as e:
+            failed[inp.slide_id] = f"{type(e).__name__}: {e}"
+            logger.error("%s: failed, skipped (%s)", inp.image, e)
+    datalist: dict[str, list] = {}
+    for inp in inputs:
+        if inp.slide_id in metas:
+            datalist.setdefault(inp.split, []).extend(datalist_items(metas[inp.slide_id], output_dir))
+    write_json_atomic(output_dir / "datalist.json", datalist)
+    summary = {"done": done, "skipped": skipped, "failed": failed, "datalist": str(output_dir / "datalist.json"),
+               "slides": {k: {"split": v["split"], "counts": v["counts"]} for k, v in metas.items()}}
+    write_json_atomic(output_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,172 @@
+"""Tissue detection on a low-resolution image of the slide: Otsu threshold, then small objects and holes removed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+from skimage import color, filters, morphology, transform
+
+from monai_wsi_ext.errors import TissueError
+from monai_wsi_ext.io_utils import atomic_path
+from monai_wsi_ext.wsi import Slide
+
+__all__ = ["TissueMask", "detect_tissue", "tissue_mask_from_image", "load_external_mask", "save_mask_png",
+           "load_mask_png"]
+
+logger = logging.getLogger(__name__)
+
+# Floors under the Otsu threshold: a blank slide has a bimodal-looking noise histogram too, and Otsu would call
+# half of the glass "tissue". Stained tissue is well above these.
+_MIN_THRESHOLD = {"saturation": 0.05, "gray": 0.04, "od": 0.06}
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask and its scale.
+
+    Attributes:
+        mask: ``(h, w)`` bool array.
+        downsample: level-0 pixels per mask pixel.
+        threshold: the threshold applied (on the chosen channel), or None for an external mask.
+        channel: ``saturation``, ``gray``, ``od`` or ``external``.
+    """
+
+    mask: np.ndarray
+    downsample: float
+    threshold: float | None = None
+    channel: str = "saturation"
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def _channel(image: np.ndarray, channel: str) -> np.ndarray:
+    rgb = image[..., :3].astype(np.float32) / 255.0
+    if channel == "saturation":
+        return color.rgb2hsv(rgb)[..., 1]
+    if channel == "gray":
+        return 1.0 - color.rgb2gray(rgb)
+    if channel == "od":
+        return (-np.log(np.clip(rgb, 1 / 255.0, 1.0))).mean(axis=-1)
+    raise ValueError(f"`channel` must be 'saturation', 'gray' or 'od', got {channel!r}.")
+
+
+def tissue_mask_from_image(
+    image: np.ndarray, downsample: float = 1.0, channel: str = "saturation", min_object_px: int = 64,
+    min_hole_px: int = 64, min_threshold: float | None = None,
+) -> TissueMask:
+    """Otsu tissue mask of an RGB image.
+
+    Args:
+        image: ``(h, w, 3)`` uint8 RGB (a thumbnail).
+        downsample: level-0 pixels per image pixel (stored with the mask).
+        channel: ``saturation`` (HSV S; robust to pale background), ``gray`` (1 - luminance) or ``od``
+            (mean optical density).
+        min_object_px: connected tissue components smaller than this many mask pixels are removed.
+        min_hole_px: holes smaller than this many mask pixels are filled.
+        min_threshold: floor under the Otsu threshold (defaults per channel), so near-blank glass stays empty.
+    """
+    values = _channel(image, channel)
+    floor = _MIN_THRESHOLD[channel] if min_threshold is None else float(min_threshold)
+    try:
+        otsu = float(filters.threshold_otsu(values)) if np.ptp(values) > 0 else float(values.max())
+    except ValueError:
+        otsu = floor
+    threshold = max(otsu, floor)
+    mask = values > threshold
+    if min_object_px > 0:
+        mask = morphology.remove_small_objects(mask, max_size=int(min_object_px) - 1) if _has_max_size() else \
+            morphology.remove_small_objects(mask, min_size=int(min_object_px))
+    if min_hole_px > 0:
+        mask = morphology.remove_small_holes(mask, max_size=int(min_hole_px) - 1) if _has_max_size() else \
+            morphology.remove_small_holes(mask, area_threshold=int(min_hole_px))
+    return TissueMask(mask=mask.astype(bool), downsample=float(downsample), threshold=threshold, channel=channel)
+
+
+def _has_max_size() -> bool:
+    # scikit-image 0.26 renamed min_size/area_threshold to max_size (and deprecated the old names)
+    import inspect
+
+    return "max_size" in inspect.signature(morphology.remove_small_objects).parameters
+
+
+def detect_tissue(
+    slide: Slide, level: int | None = None, max_size: int = 2048, channel: str = "saturation",
+    min_object_um2: float = 20000.0, min_hole_um2: float = 20000.0, external_mask: str | os.PathLike | None = None,
+) -> TissueMask:
+    """Detect tissue on a low-resolution image of ``slide`` (or load an external mask instead).
+
+    Args:
+        slide: an open slide.
+        level: read this pyramid level; by default the coarsest level whose longer side is at most ``max_size``.
+        max_size: longest side of the thumbnail when ``level`` is None.
+        channel: see :func:`tissue_mask_from_image`.
+        min_object_um2: smallest tissue component kept, in µm² (converted with the slide's mpp; 0.5 µm/px assumed
+            when the slide has none).
+        min_hole_um2: largest hole filled, in µm².
+        external_mask: a PNG/TIFF mask (nonzero = tissue) to use instead of Otsu; it is resized to the thumbnail.
+    """
+    image, downsample = slide.thumbnail(max_size=max_size, level=level)
+    if external_mask is not None:
+        mask = load_external_mask(external_mask, image.shape[:2])
+        return TissueMask(mask=mask, downsample=downsample, threshold=None, channel="external")
+    mpp = slide.mpp if slide.mpp is not None else 0.5
+    px_um2 = (mpp * downsample) ** 2
+    result = tissue_mask_from_image(image, downsample, channel, min_object_px=int(min_object_um2 / px_um2),
+                                    min_hole_px=int(min_hole_um2 / px_um2))
+    logger.debug("%s: tissue %.1f%% of the thumbnail (threshold %.3f on %s)", slide.path, 100 * result.fraction,
+                 result.threshold, channel)
+    return result
+
+
+def load_external_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """Read a PNG/TIFF tissue mask (nonzero = tissue) and resize it (nearest) to ``shape``.
+
+    Raises:
+        TissueError: the file is missing or unreadable.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                pages = sorted(tif.pages, key=lambda p: p.shape[0] * p.shape[1])
+                # the smallest page that is still at least as large as the target, else the largest
+                page = next((p for p in pages if p.shape[0] >= shape[0] and p.shape[1] >= shape[1]), pages[-1])
+                arr = page.asarray()
+        else:
+            arr = np.asarray(Image.open(path))
+    except Exception as e:  # noqa: BLE001
+        raise TissueError(f"{path}: cannot read the external tissue mask ({e})") from e
+    if arr.ndim == 3:
+        arr = arr[..., 0] if arr.shape[-1] <= 4 else arr[0]
+    arr = arr > 0
+    if arr.shape != tuple(shape):
+        arr = transform.resize(arr, shape, order=0, preserve_range=True, anti_aliasing=False).astype(bool)
+    return arr
+
+
+def save_mask_png(path: str | os.PathLike, mask: TissueMask) -> Path:
+    """Save the mask as an 8-bit PNG (255 = tissue) with its downsample in a PNG text chunk, atomically."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("monai_wsi_ext", json.dumps({"downsample": mask.downsample, "threshold": mask.threshold,
+                                               "channel": mask.channel}))
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask.mask.astype(np.uint8) * 255).save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def load_mask_png(path: str | os.PathLike) -> TissueMask:
+    """Read a mask written by :func:`save_mask_png`."""
+    img = Image.open(path)
+    meta = json.loads(img.text.get("monai_wsi_ext", "{}")) if hasattr(img, "text") else {}
+    return TissueMask(mask=np.asarray(img) > 0, downsample=float(meta.get("downsample", 1.0)),
+                      threshold=meta.get("threshold"), channel=meta.get("channel", "external"))
