@@ -1,0 +1,344 @@
+"""Patch encoders (GoogLeNet / DenseNet121 with a short feature layer) and the canvas U-Net.
+
+The encoder is ``backbone -> 1024-d pooled vector -> [dropout] -> Linear(1024, feature_dim) -> [act] ->
+Linear(feature_dim, num_classes)``. ``features(x)`` stops at the feature layer: that vector is what the feature
+canvas holds, and in end-to-end training the final layer (``head``) is not used (paper, section 3.2.2).
+
+Feature activation: the paper only says an FC layer is added before the final layer. The default here is a plain
+linear feature layer (``feature_activation=None``): the canvas fills empty cells with 0, and a ReLU would map many
+tissue features to exactly 0 as well, making tissue and background indistinguishable in those channels.
+``feature_activation="relu"`` is available for experiments.
+
+Pretrained weights are only ever read from a local file with ``torch.load(..., weights_only=True)``; nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from monai_wsi_ext.canvas import IGNORE_INDEX
+from monai_wsi_ext.errors import ConfigError
+
+__all__ = [
+    "BACKBONES",
+    "PatchEncoder",
+    "LoadReport",
+    "read_state_dict",
+    "load_pretrained",
+    "load_encoder_checkpoint",
+    "make_unet",
+    "canvas_loss",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("googlenet", "densenet121")
+_WRAPPER_KEYS = ("state_dict", "model", "encoder", "network", "net", "model_state_dict")
+_DENSE_LAYER = re.compile(
+    r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(weight|bias|running_mean|running_var|num_batches_tracked)$"
+)
+
+
+class _DenseNetBackbone(nn.Module):
+    """MONAI DenseNet121 without its final linear layer: ``features`` + ReLU + global average pooling (1024-d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.networks.nets import DenseNet121
+
+        net = DenseNet121(spatial_dims=2, in_channels=3, out_channels=1)
+        self.features = net.features
+        self.relu = nn.ReLU(inplace=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_features = int(net.class_layers.out.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.relu(self.features(x))), 1)
+
+
+def _googlenet_backbone(dropout: float) -> nn.Module:
+    from torchvision.models import googlenet
+
+    net = googlenet(weights=None, aux_logits=False, init_weights=True, dropout=float(dropout))
+    net.fc = nn.Identity()
+    net.out_features = 1024
+    return net
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did.
+
+    Attributes:
+        target: ``"backbone"`` or ``"encoder"`` (the whole :class:`PatchEncoder`) or the module class name.
+        loaded: keys copied into the module.
+        missing: module keys the file did not provide.
+        unexpected: file keys the module does not have.
+        skipped: file keys whose tensor shape differs from the module's (not loaded).
+    """
+
+    target: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a local checkpoint file, safely.
+
+    Accepts a raw state dict, or a dict that wraps one under ``"state_dict"``, ``"model"``, ``"encoder"``,
+    ``"network"``, ``"net"`` or ``"model_state_dict"`` (nested wrappers are unwrapped); a ``"module."`` prefix
+    (DataParallel/DDP) is stripped. Only tensors are kept.
+
+    Args:
+        path: checkpoint file (``.pt``/``.pth``).
+
+    Returns:
+        Mapping of parameter/buffer names to tensors (on CPU).
+
+    Raises:
+        ConfigError: when the file is missing, is not a plain tensor checkpoint (``weights_only=True`` refuses
+            arbitrary pickled objects), or holds no tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"`pretrained_path` {path!r} does not exist; give a local .pt/.pth file (nothing is downloaded)."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Save plain state dicts (`torch.save(model.state_dict(), path)`); pickled objects are refused."
+        ) from e
+    for _ in range(4):
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}.")
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise ConfigError(f"{path}: holds no tensors (keys: {list(obj)[:8]}); is this a model checkpoint?")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _remap_densenet(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision DenseNet names (``denselayer1.norm1`` / legacy ``norm.1``) -> MONAI names (``layers.norm1``)."""
+    out = {}
+    for k, v in sd.items():
+        m = _DENSE_LAYER.match(k)
+        out[f"{m.group(1)}.layers.{m.group(2)}{m.group(3)}.{m.group(4)}" if m else k] = v
+    return out
+
+
+def load_pretrained(module: nn.Module, state_dict: Mapping[str, torch.Tensor], target: str = "") -> LoadReport:
+    """Copy matching tensors into ``module`` (``strict=False``), logging what did not match.
+
+    Args:
+        module: destination module.
+        state_dict: source tensors.
+        target: name used in the log lines and the report.
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Raises:
+        ConfigError: when not a single tensor matched (wrong file or wrong backbone).
+    """
+    target = target or type(module).__name__
+    own = module.state_dict()
+    report = LoadReport(target=target)
+    usable = {}
+    for k, v in state_dict.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif tuple(own[k].shape) != tuple(v.shape):
+            report.skipped.append(k)
+            logger.warning(
+                "%s: skipping %s, shape %s in the file vs %s in the model",
+                target,
+                k,
+                tuple(v.shape),
+                tuple(own[k].shape),
+            )
+        else:
+            usable[k] = v
+    if not usable:
+        raise ConfigError(
+            f"none of the {len(state_dict)} tensors in the checkpoint match {target} "
+            f"(file keys e.g. {list(state_dict)[:3]}, model keys e.g. {list(own)[:3]}); check the backbone choice."
+        )
+    result = module.load_state_dict(usable, strict=False)
+    report.loaded = sorted(usable)
+    report.missing = list(result.missing_keys)
+    if report.missing:
+        logger.warning("%s: %d missing keys not in the checkpoint: %s", target, len(report.missing), report.missing)
+    if report.unexpected:
+        logger.warning(
+            "%s: %d unexpected keys in the checkpoint ignored: %s", target, len(report.unexpected), report.unexpected
+        )
+    logger.info("%s: loaded %d of %d tensors", target, len(report.loaded), len(own))
+    return report
+
+
+class PatchEncoder(nn.Module):
+    """Patch classifier whose penultimate layer is a short feature vector for the canvas.
+
+    Args:
+        backbone: ``"googlenet"`` (torchvision, randomly initialised) or ``"densenet121"`` (MONAI); both give a
+            1024-d pooled vector.
+        feature_dim: length of the feature vector (16 in the paper).
+        num_classes: classes of the patch head (2: normal, tumor).
+        pretrained_path: optional local checkpoint: a raw backbone state dict (torchvision/ImageNet or MONAI key
+            names), a full ``PatchEncoder`` state dict, or either wrapped under ``"state_dict"``/``"model"``/
+            ``"encoder"``/``"network"``. Loaded with ``strict=False``; mismatches are logged.
+        dropout: dropout on the 1024-d pooled vector in training mode.
+        feature_activation: None (default, linear feature layer) or ``"relu"`` between features and head.
+
+    Note:
+        GoogLeNet is built with ``transform_input=False``; torchvision's ImageNet GoogLeNet weights expect
+        ImageNet-normalised inputs, which is the data pipeline's job.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "googlenet",
+        feature_dim: int = 16,
+        num_classes: int = 2,
+        pretrained_path: str | os.PathLike | None = None,
+        dropout: float = 0.0,
+        feature_activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ConfigError(f"`backbone` must be one of {BACKBONES}, got {backbone!r}.")
+        if int(feature_dim) < 1 or int(num_classes) < 1:
+            raise ConfigError(f"`feature_dim` and `num_classes` must be positive, got {feature_dim}, {num_classes}.")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ConfigError(f"`dropout` must be in [0, 1), got {dropout}.")
+        if feature_activation not in (None, "relu"):
+            raise ConfigError(f"`feature_activation` must be None or 'relu', got {feature_activation!r}.")
+        self.backbone_name = backbone
+        self.feature_dim = int(feature_dim)
+        self.num_classes = int(num_classes)
+        if backbone == "googlenet":
+            self.backbone = _googlenet_backbone(dropout)
+            self.dropout = nn.Identity()  # GoogLeNet applies its own dropout before the (removed) fc
+        else:
+            self.backbone = _DenseNetBackbone()
+            self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
+        self.feature = nn.Linear(self.backbone.out_features, self.feature_dim)
+        self.act = nn.ReLU() if feature_activation == "relu" else nn.Identity()
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+        if pretrained_path is not None:
+            self.load_weights(pretrained_path)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) patches -> (B, feature_dim) canvas features."""
+        return self.feature(self.dropout(self.backbone(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) patches -> (B, num_classes) logits."""
+        return self.head(self.act(self.features(x)))
+
+    def load_weights(self, path: str | os.PathLike) -> LoadReport:
+        """Load a local checkpoint into the whole encoder (when its keys are encoder keys) or into the backbone.
+
+        Args:
+            path: see ``pretrained_path`` of the constructor.
+
+        Returns:
+            A :class:`LoadReport`.
+        """
+        sd = read_state_dict(path)
+        if any(k.split(".", 1)[0] in ("backbone", "feature", "head") for k in sd):
+            if self.backbone_name == "densenet121":
+                sd = _remap_densenet(sd)
+            return load_pretrained(self, sd, target="encoder")
+        if self.backbone_name == "densenet121":
+            sd = _remap_densenet(sd)
+        return load_pretrained(self.backbone, sd, target=f"{self.backbone_name} backbone")
+
+
+def load_encoder_checkpoint(encoder: PatchEncoder, path: str | os.PathLike, drop_head: bool = False) -> LoadReport:
+    """Initialise an encoder from a separately trained checkpoint (the start of end-to-end training).
+
+    Args:
+        encoder: destination encoder.
+        path: checkpoint of a :class:`PatchEncoder` (raw or wrapped state dict, e.g. a CheckpointSaver file).
+        drop_head: do not load the final layer (``head.*``); end-to-end training does not use it.
+
+    Returns:
+        A :class:`LoadReport`.
+    """
+    sd = read_state_dict(path)
+    if drop_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    if encoder.backbone_name == "densenet121":
+        sd = _remap_densenet(sd)
+    report = load_pretrained(encoder, sd, target="encoder")
+    if drop_head:
+        report.missing = [k for k in report.missing if not k.startswith("head.")]
+    return report
+
+
+def make_unet(
+    feature_dim: int = 16,
+    num_classes: int = 2,
+    channels: Sequence[int] = (32, 64, 128, 256),
+    strides: Sequence[int] = (2, 2, 2),
+    num_res_units: int = 2,
+    dropout: float = 0.0,
+    **kwargs,
+) -> nn.Module:
+    """The canvas segmentation network: a 2-d MONAI UNet from ``feature_dim`` channels to ``num_classes`` logits.
+
+    Args:
+        feature_dim: channels of the feature canvas.
+        num_classes: output classes (2: normal, tumor).
+        channels: channels per level.
+        strides: downsampling per level (``len(channels) - 1`` entries); canvas sizes must be divisible by their
+            product.
+        num_res_units: residual units per block.
+        dropout: dropout rate inside the UNet.
+        kwargs: further ``monai.networks.nets.UNet`` arguments (``norm``, ``act``...).
+
+    Returns:
+        ``monai.networks.nets.UNet`` with ``spatial_dims=2``.
+    """
+    from monai.networks.nets import UNet
+
+    if len(strides) != len(channels) - 1:
+        raise ConfigError(f"`strides` needs len(channels) - 1 = {len(channels) - 1} entries, got {list(strides)}.")
+    return UNet(
+        spatial_dims=2,
+        in_channels=int(feature_dim),
+        out_channels=int(num_classes),
+        channels=tuple(channels),
+        strides=tuple(strides),
+        num_res_units=int(num_res_units),
+        dropout=float(dropout),
+        **kwargs,
+    )
+
+
+def canvas_loss(weight: torch.Tensor | None = None) -> nn.CrossEntropyLoss:
+    """Softmax cross-entropy over canvas cells, ignoring background and nolabel cells (:data:`IGNORE_INDEX`)."""
+    return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
