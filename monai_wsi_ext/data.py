@@ -1,0 +1,434 @@
+"""Patch and slide data: transforms (the paper's augmentation, a deterministic eval transform, optional Macenko
+stain normalisation), a patch dataset over patch tables, a balanced sampler, per-slide patch sources with
+replayable augmentation (for end-to-end training) and prefetching batch iterators (for feature extraction).
+
+Images leave the transforms as float32 ``(3, h, w)`` tensors in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Randomizable
+from torch.utils.data import Dataset, WeightedRandomSampler
+from torchvision.transforms import functional as TF
+
+from monai_wsi_ext.grid import PatchLabel, read_patch_table
+from monai_wsi_ext.wsi import Slide, open_slide
+
+__all__ = [
+    "PatchKeys",
+    "PaperAugment",
+    "PaperAugmentd",
+    "EvalTransform",
+    "StainNormalize",
+    "make_patch_transform",
+    "SlideCache",
+    "PatchDataset",
+    "balanced_sampler",
+    "load_datalist",
+    "load_prepared_slides",
+    "SlidePatchSource",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class PatchKeys(str, Enum):
+    """Keys of patch samples."""
+
+    IMAGE = "image"
+    LABEL = "label"
+    SLIDE_ID = "slide_id"
+    ROW = "row"
+    COL = "col"
+
+
+def _to_float_chw(img) -> torch.Tensor:
+    """HWC uint8 numpy (or CHW tensor) -> float32 CHW tensor in [0, 1]."""
+    if isinstance(img, torch.Tensor):
+        t = img
+        if t.ndim == 3 and t.shape[-1] in (3, 4) and t.shape[0] not in (3, 4):
+            t = t.permute(2, 0, 1)
+    else:
+        arr = np.asarray(img)
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+            arr = arr[..., :3].transpose(2, 0, 1)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t[:3]
+    if t.dtype == torch.uint8:
+        return t.float().div_(255.0)
+    return t.float()
+
+
+def _center_crop(t: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None:
+        return t
+    h, w = t.shape[-2:]
+    if size > min(h, w):
+        raise ValueError(f"`crop_size` {size} is larger than the patch ({h}x{w}).")
+    top, left = (h - size) // 2, (w - size) // 2
+    return t[..., top:top + size, left:left + size]
+
+
+class PaperAugment(Randomizable):
+    """The training augmentation of Takahama et al.: random ``crop_size`` crop, rotation by 0/90/180/270,
+    left-right flip, and saturation, contrast, brightness and sharpness each scaled by a factor drawn from
+    ``factor_range`` (torchvision's functional colour ops).
+
+    All randomness comes from ``self.R`` (a numpy ``RandomState``), so ``set_random_state(seed)`` followed by a
+    call reproduces the same pixels exactly — end-to-end training relies on it to replay a patch's augmentation
+    when it re-reads the patch for the second encoder pass.
+
+    Args:
+        crop_size: side of the random crop (None: no crop).
+        factor_range: range of the colour factors (paper: 0.75-1.25).
+    """
+
+    def __init__(self, crop_size: int | None = 224, factor_range: tuple[float, float] = (0.75, 1.25)):
+        self.crop_size = crop_size
+        self.factor_range = (float(factor_range[0]), float(factor_range[1]))
+        self._params: dict | None = None
+
+    def randomize(self, data: torch.Tensor) -> None:
+        h, w = data.shape[-2:]
+        cs = self.crop_size
+        top = int(self.R.randint(0, h - cs + 1)) if cs else 0
+        left = int(self.R.randint(0, w - cs + 1)) if cs else 0
+        lo, hi = self.factor_range
+        self._params = {
+            "top": top, "left": left, "k": int(self.R.randint(0, 4)), "flip": bool(self.R.rand() < 0.5),
+            "factors": self.R.uniform(lo, hi, size=4).tolist(), "order": self.R.permutation(4).tolist(),
+        }
+
+    def __call__(self, img) -> torch.Tensor:
+        t = _to_float_chw(img)
+        self.randomize(t)
+        p = self._params
+        if self.crop_size:
+            if self.crop_size > min(t.shape[-2:]):
+                raise ValueError(f"`crop_size` {self.crop_size} is larger than the patch {tuple(t.shape[-2:])}.")
+            t = t[..., p["top"]:p["top"] + self.crop_size, p["left"]:p["left"] + self.crop_size]
+        t = torch.rot90(t, p["k"], dims=(-2, -1))
+        if p["flip"]:
+            t = torch.flip(t, dims=(-1,))
+        ops = (TF.adjust_saturation, TF.adjust_contrast, TF.adjust_brightness, TF.adjust_sharpness)
+        for i in p["order"]:
+            t = ops[i](t, p["factors"][i])
+        return t.clamp_(0.0, 1.0).contiguous()
+
+
+class PaperAugmentd(Randomizable):
+    """Dictionary version of :class:`PaperAugment` (applied to ``keys``)."""
+
+    def __init__(self, keys: Sequence[str] = ("image",), crop_size: int | None = 224,
+                 factor_range: tuple[float, float] = (0.75, 1.25)):
+        self.keys = list(keys)
+        self.aug = PaperAugment(crop_size, factor_range)
+
+    def set_random_state(self, seed=None, state=None):
+        self.aug.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:  # randomness lives in the wrapped transform
+        pass
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for k in self.keys:
+            d[k] = self.aug(d[k])
+        return d
+
+
+PaperAugmentD = PaperAugmentDict = PaperAugmentd
+
+
+class EvalTransform:
+    """Deterministic eval transform: the centre ``crop_size`` crop (the same field of view the random training
+    crop has) and scaling to [0, 1]. No colour change."""
+
+    def __init__(self, crop_size: int | None = 224):
+        self.crop_size = crop_size
+
+    def set_random_state(self, seed=None, state=None):  # deterministic; accepted for a uniform interface
+        return self
+
+    def __call__(self, img) -> torch.Tensor:
+        return _center_crop(_to_float_chw(img), self.crop_size).contiguous()
+
+
+class StainNormalize:
+    """Macenko stain normalisation with MONAI's ``NormalizeHEStains`` on HWC uint8 patches.
+
+    Patches with too little stained tissue for the stain estimate (MONAI raises) pass through unchanged.
+    """
+
+    def __init__(self, tli: float = 240, alpha: float = 1, beta: float = 0.15):
+        from monai.apps.pathology.transforms import NormalizeHEStains
+
+        self.norm = NormalizeHEStains(tli=tli, alpha=alpha, beta=beta)
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(self.norm(np.asarray(img)[..., :3]), dtype=np.uint8)
+        except ValueError:
+            return np.asarray(img)[..., :3]
+
+
+class _Chain:
+    def __init__(self, pre, main):
+        self.pre, self.main = pre, main
+
+    def set_random_state(self, seed=None, state=None):
+        self.main.set_random_state(seed, state)
+        return self
+
+    def __call__(self, img):
+        return self.main(self.pre(img))
+
+
+def make_patch_transform(train: bool, crop_size: int | None = 224, stain_normalize: bool = False,
+                         factor_range: tuple[float, float] = (0.75, 1.25)):
+    """The patch transform: :class:`PaperAugment` for training, :class:`EvalTransform` otherwise, optionally after
+    :class:`StainNormalize`. The result has ``set_random_state(seed)``."""
+    main = PaperAugment(crop_size, factor_range) if train else EvalTransform(crop_size)
+    return _Chain(StainNormalize(), main) if stain_normalize else main
+
+
+class SlideCache:
+    """A small per-process LRU cache of open slides (data-loader workers each get their own)."""
+
+    def __init__(self, backend: str = "auto", max_open: int = 8):
+        self.backend = backend
+        self.max_open = max_open
+        self._slides: OrderedDict = OrderedDict()
+        self._pid = os.getpid()
+
+    def get(self, path: str, mpp: float | None = None) -> Slide:
+        if os.getpid() != self._pid:  # forked into a worker: handles are not shared across processes
+            self._slides = OrderedDict()
+            self._pid = os.getpid()
+        key = str(path)
+        if key in self._slides:
+            self._slides.move_to_end(key)
+            return self._slides[key]
+        slide = open_slide(key, backend=self.backend, mpp=mpp)
+        self._slides[key] = slide
+        if len(self._slides) > self.max_open:
+            _, old = self._slides.popitem(last=False)
+            old.close()
+        return slide
+
+    def __getstate__(self):
+        return {"backend": self.backend, "max_open": self.max_open}
+
+    def __setstate__(self, state):
+        self.__init__(state["backend"], state["max_open"])
+
+
+class PatchDataset(Dataset):
+    """Patches of the datalist items (``image``, ``location`` [y, x] at level 0, ``size`` [h, w], ``level``,
+    ``label``), read through the project's slide reader (cuCIM by default).
+
+    Items with a ``nolabel`` label are dropped unless ``include_nolabel``.
+
+    Args:
+        items: datalist items (see :func:`monai_wsi_ext.prepare.datalist_items`).
+        transform: callable on the HWC uint8 patch (see :func:`make_patch_transform`); None gives CHW float.
+        backend: slide reader backend.
+        include_nolabel: keep ``label == -1`` items.
+    """
+
+    def __init__(self, items: Sequence[dict], transform=None, backend: str = "auto", include_nolabel: bool = False):
+        self.items = [d for d in items if include_nolabel or int(d.get("label", 0)) != PatchLabel.NOLABEL]
+        self.transform = transform if transform is not None else EvalTransform(None)
+        self.cache = SlideCache(backend)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([int(d.get("label", -1)) for d in self.items], np.int64)
+
+    def __getitem__(self, index: int) -> dict:
+        d = self.items[index]
+        slide = self.cache.get(d["image"], d.get("mpp"))
+        (y, x), (h, w) = d["location"], d["size"]
+        patch = slide.read_region(x, y, w, h, int(d.get("level", 0)))
+        return {PatchKeys.IMAGE.value: self.transform(patch),
+                PatchKeys.LABEL.value: torch.tensor(int(d.get("label", -1)), dtype=torch.long),
+                PatchKeys.SLIDE_ID.value: str(d.get("slide_id", "")), PatchKeys.ROW.value: int(d.get("row", -1)),
+                PatchKeys.COL.value: int(d.get("col", -1))}
+
+
+def balanced_sampler(labels: Sequence[int], num_samples: int | None = None, seed: int = 0) -> WeightedRandomSampler:
+    """Sample tumor and normal patches equally often (the paper's remedy for rare tumor patches).
+
+    Args:
+        labels: 0/1 label per dataset item.
+        num_samples: draws per epoch (default: the dataset size).
+        seed: generator seed.
+    """
+    labels = np.asarray(labels)
+    counts = {c: int((labels == c).sum()) for c in np.unique(labels)}
+    weights = np.array([1.0 / counts[c] for c in labels], np.float64)
+    gen = torch.Generator().manual_seed(int(seed))
+    return WeightedRandomSampler(torch.as_tensor(weights), num_samples or len(labels), replacement=True,
+                                 generator=gen)
+
+
+def load_datalist(path: str | os.PathLike, key: str | Sequence[str] = "training") -> list[dict]:
+    """Items of one or several splits of a ``datalist.json`` written by ``prepare_dataset``."""
+    data = json.loads(Path(path).read_text())
+    keys = [key] if isinstance(key, str) else list(key)
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise KeyError(f"{path}: no split {missing}; it has {sorted(data)}")
+    return [item for k in keys for item in data[k]]
+
+
+def load_prepared_slides(prepared_dir: str | os.PathLike, split: str | Sequence[str] | None = None) -> list[dict]:
+    """Prepared slides (``meta.json`` + patch table) of a ``prepare_dataset`` output folder.
+
+    Returns:
+        dicts with the meta fields plus ``grid`` (a :class:`~monai_wsi_ext.grid.PatchGrid`), sorted by slide id.
+    """
+    splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+    out = []
+    for meta_path in sorted(Path(prepared_dir).glob("*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        if splits is not None and meta.get("split") not in splits:
+            continue
+        meta["grid"] = read_patch_table(meta_path.parent / "patches.csv", shape=tuple(meta["grid_shape"]),
+                                        cell_size=meta["cell_size"])
+        meta["dir"] = str(meta_path.parent)
+        out.append(meta)
+    return out
+
+
+class SlidePatchSource:
+    """All patches of one slide, read on demand (never kept), for feature extraction and end-to-end training.
+
+    ``load(indices, seeds)`` reads the patches with the slide reader's batched path and applies the transform
+    with ``set_random_state(seed)`` per patch, so the same ``(index, seed)`` always gives the same pixels.
+
+    Args:
+        image: slide path.
+        x, y: level-0 top-left corner of each patch.
+        level: read level.
+        patch_size: patch side at ``level``.
+        transform: see :func:`make_patch_transform`.
+        backend: slide reader backend.
+        mpp: level-0 mpp override.
+        num_workers: decoder threads of the batched read.
+    """
+
+    def __init__(self, image: str, x: np.ndarray, y: np.ndarray, level: int, patch_size: int, transform=None,
+                 backend: str = "auto", mpp: float | None = None, num_workers: int = 2):
+        self.image = str(image)
+        self.locations = np.stack([np.asarray(x, np.int64), np.asarray(y, np.int64)], axis=1)
+        self.level = int(level)
+        self.patch_size = int(patch_size)
+        self.transform = transform if transform is not None else EvalTransform(None)
+        self.backend = backend
+        self.mpp = mpp
+        self.num_workers = num_workers
+        self._slide: Slide | None = None
+
+    @classmethod
+    def from_prepared(cls, meta: dict, transform=None, backend: str = "auto", num_workers: int = 2):
+        grid = meta["grid"]
+        return cls(meta["image"], grid.x, grid.y, grid.level, grid.patch_size, transform, backend,
+                   meta.get("mpp") if meta.get("mpp_source") == "user" else None, num_workers)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    @property
+    def slide(self) -> Slide:
+        if self._slide is None:
+            self._slide = open_slide(self.image, backend=self.backend, mpp=self.mpp)
+        return self._slide
+
+    def read_raw(self, indices) -> np.ndarray:
+        """``(n, h, w, 3)`` uint8 patches in the order of ``indices``."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if idx.size == 0:
+            return np.zeros((0, self.patch_size, self.patch_size, 3), np.uint8)
+        batches = list(self.slide.read_regions(self.locations[idx], self.patch_size, self.level,
+                                               num_workers=self.num_workers, batch_size=max(len(idx), 1)))
+        return np.concatenate(batches, axis=0)
+
+    def _apply(self, raw: np.ndarray, seeds) -> torch.Tensor:
+        out = []
+        for i, patch in enumerate(raw):
+            if seeds is not None and hasattr(self.transform, "set_random_state"):
+                self.transform.set_random_state(int(seeds[i]))
+            out.append(self.transform(patch))
+        return torch.stack(out) if out else torch.zeros(0)
+
+    def load(self, indices, seeds=None) -> torch.Tensor:
+        """Transformed ``(n, 3, h, w)`` patches; the augmentation of patch ``i`` is seeded with ``seeds[i]``."""
+        idx = torch.as_tensor(indices).reshape(-1).cpu().numpy()
+        sd = None if seeds is None else torch.as_tensor(seeds).reshape(-1).cpu().numpy()
+        return self._apply(self.read_raw(idx), sd)
+
+    __call__ = load
+
+    def iter_batches(self, batch_size: int = 64, prefetch: int = 2) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield ``(indices, patches)`` batches in table order, reading ahead in a background thread so that
+        decoding overlaps the encoder (cuCIM and OpenSlide release the GIL while decoding)."""
+        n = len(self)
+        q: queue.Queue = queue.Queue(maxsize=max(int(prefetch), 1))
+        stop = threading.Event()
+
+        def reader():
+            try:
+                for start in range(0, n, batch_size):
+                    if stop.is_set():
+                        return
+                    idx = np.arange(start, min(start + batch_size, n))
+                    q.put((idx, self.read_raw(idx)))
+                q.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                q.put(e)
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                idx, raw = item
+                yield idx, self._apply(raw, None)
+        finally:
+            stop.set()
+            while t.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(timeout=0.05)
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_slide"] = None
+        return state
