@@ -15,6 +15,7 @@ downloaded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -65,10 +66,26 @@ class _DenseNetBackbone(nn.Module):
         return torch.flatten(self.pool(self.relu(self.features(x))), 1)
 
 
-def _googlenet_backbone(dropout: float) -> nn.Module:
-    from torchvision.models import googlenet
+@functools.lru_cache(maxsize=1)
+def _googlenet_class() -> type[nn.Module]:
+    """torchvision ``GoogLeNet`` whose ``forward`` returns a tensor (scriptable; the state dict keys are unchanged).
 
-    net = googlenet(weights=None, aux_logits=False, init_weights=True, dropout=float(dropout))
+    Scripted torchvision GoogLeNet always returns a ``GoogLeNetOutputs`` tuple, which does not type-check inside
+    :meth:`PatchEncoder.features`; this subclass returns the main branch only (there are no auxiliary heads here).
+    """
+    from torchvision.models import GoogLeNet
+
+    class GoogLeNetBackbone(GoogLeNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x, _, _ = self._forward(self._transform_input(x))
+            return x
+
+    return GoogLeNetBackbone
+
+
+def _googlenet_backbone(dropout: float) -> nn.Module:
+    # same construction as ``torchvision.models.googlenet(weights=None, aux_logits=False, ...)``
+    net = _googlenet_class()(aux_logits=False, transform_input=False, init_weights=True, dropout=float(dropout))
     net.fc = nn.Identity()
     net.out_features = 1024
     return net
@@ -250,8 +267,9 @@ class PatchEncoder(nn.Module):
         if pretrained_path is not None:
             self.load_weights(pretrained_path)
 
+    @torch.jit.export
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) patches -> (B, feature_dim) canvas features."""
+        """(B, 3, H, W) patches -> (B, feature_dim) canvas features (also exported in TorchScript)."""
         return self.feature(self.dropout(self.backbone(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

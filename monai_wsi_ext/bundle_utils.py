@@ -1,0 +1,264 @@
+"""Bundle housekeeping: offline metadata verification and TorchScript export of the two networks.
+
+MONAI's ``verify_metadata`` downloads the schema named in ``metadata.json``; :func:`verify_bundle_metadata` checks
+the same file against the schema shipped in this package (``monai_wsi_ext/schema/bundle_meta_schema.json``) with no
+network access. :func:`export_network` is a thin wrapper of ``monai.bundle.ckpt_export`` that picks the bundle
+configs for the encoder or the U-Net, writes the ``.ts`` file atomically and checks that the exported module gives
+the eager network's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_wsi_ext.errors import ConfigError
+from monai_wsi_ext.io_utils import atomic_path
+
+__all__ = [
+    "SCHEMA_FILE",
+    "NETWORKS",
+    "bundle_config_files",
+    "verify_bundle_metadata",
+    "export_network",
+    "check_exported",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "bundle_meta_schema.json"
+"""The metadata schema shipped with the package."""
+
+NETWORKS: dict[str, str] = {"encoder": "train_encoder.json", "unet": "train_canvas.json"}
+"""Network name -> the bundle config that sets ``network_def`` to it (layered on ``common.json``)."""
+
+_MAX_LISTED_ERRORS = 10
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {what} is not valid JSON ({e}).") from e
+
+
+def _json_path(parts: Sequence[Any]) -> str:
+    return "/".join(str(p) for p in parts) or "(top level)"
+
+
+def verify_bundle_metadata(meta_file: str | os.PathLike, schema_file: str | os.PathLike | None = None) -> dict:
+    """Validate a bundle's ``metadata.json`` offline against a local JSON schema.
+
+    Besides the schema, the changelog must have an entry for the current ``version`` (a cross-field rule a JSON
+    schema cannot state).
+
+    Args:
+        meta_file: the metadata file, e.g. ``bundle/configs/metadata.json``.
+        schema_file: a JSON schema file; defaults to :data:`SCHEMA_FILE`. The ``schema`` URL inside the metadata is
+            not used (nothing is downloaded).
+
+    Returns:
+        The metadata as a dict.
+
+    Raises:
+        ConfigError: when a file is missing or not JSON, when the schema itself is invalid, or when the metadata
+            breaks the schema; the message names the metadata file and each failing path
+            (e.g. ``network_data_format/inputs/image``).
+    """
+    import jsonschema
+
+    meta_path = Path(meta_file)
+    schema_path = Path(schema_file) if schema_file is not None else SCHEMA_FILE
+    schema = _load_json(schema_path, "schema file")
+    meta = _load_json(meta_path, "metadata file")
+    validator_cls = jsonschema.validators.validator_for(schema)
+    try:
+        validator_cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ConfigError(f"{schema_path}: not a valid JSON schema: {e.message}") from e
+    errors = sorted(validator_cls(schema).iter_errors(meta), key=lambda err: [str(p) for p in err.absolute_path])
+    problems = [f"at `{_json_path(err.absolute_path)}`: {err.message}" for err in errors]
+    if isinstance(meta, Mapping):
+        version, changelog = meta.get("version"), meta.get("changelog")
+        if isinstance(version, str) and isinstance(changelog, Mapping) and version not in changelog:
+            problems.append(f"at `changelog`: no entry for the current version {version!r}")
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED_ERRORS])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED_ERRORS} more" if len(problems) > _MAX_LISTED_ERRORS else ""
+        raise ConfigError(
+            f"{meta_path}: bundle metadata does not match the schema {schema_path} "
+            f"({len(problems)} problem(s)):\n  {listed}{more}"
+        )
+    logger.info("%s: metadata verified against %s", meta_path, schema_path)
+    return meta
+
+
+def bundle_config_files(
+    network: str, bundle_root: str | os.PathLike = "bundle", extra_config_files: Sequence[str | os.PathLike] = ()
+) -> list[str]:
+    """The config files that define ``network_def`` for ``network``: ``common.json``, the network's training config,
+    then any overlays (dataset/experiment configs that changed e.g. ``backbone`` or ``feature_dim``).
+
+    Args:
+        network: ``"encoder"`` or ``"unet"``.
+        bundle_root: the bundle folder.
+        extra_config_files: overlays layered last.
+
+    Returns:
+        File paths as strings.
+
+    Raises:
+        ConfigError: for an unknown ``network`` or a missing file.
+    """
+    if network not in NETWORKS:
+        raise ConfigError(f"`network` must be one of {sorted(NETWORKS)}, got {network!r}.")
+    configs = Path(bundle_root) / "configs"
+    files = [configs / "common.json", configs / NETWORKS[network], *(Path(f) for f in extra_config_files)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"config file(s) {missing} do not exist (bundle_root={str(bundle_root)!r}).")
+    return [str(f) for f in files]
+
+
+def _eager_network(config_files: Sequence[str], meta_file: str | None, ckpt_file: str, key_in_ckpt: str, **override):
+    from monai.bundle import ConfigParser
+
+    from monai_wsi_ext.networks import read_state_dict
+
+    parser = ConfigParser()
+    parser.read_config(f=list(config_files))
+    if meta_file:
+        parser.read_meta(f=meta_file)
+    for k, v in override.items():
+        parser[k] = v
+    net = parser.get_parsed_content("network_def")
+    if key_in_ckpt:
+        sd = torch.load(ckpt_file, map_location="cpu", weights_only=True)[key_in_ckpt]
+    else:
+        sd = read_state_dict(ckpt_file)
+    net.load_state_dict(sd)
+    return net.eval()
+
+
+def check_exported(
+    ts_file: str | os.PathLike,
+    eager: torch.nn.Module,
+    input_shape: Sequence[int],
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> None:
+    """Load a TorchScript file and compare it with the eager network on a random input (``forward`` and, when the
+    network has one, ``features``).
+
+    Args:
+        ts_file: the exported module.
+        eager: the eager network with the same weights.
+        input_shape: (N, C, H, W) of the test input.
+        atol: absolute tolerance.
+        rtol: relative tolerance.
+
+    Raises:
+        ConfigError: when an output differs in shape or value.
+    """
+    ts = torch.jit.load(str(ts_file), map_location="cpu").eval()
+    eager = eager.eval().cpu()
+    x = torch.rand(*input_shape, generator=torch.Generator().manual_seed(0))
+    methods = ["forward"] + (["features"] if hasattr(eager, "features") and hasattr(ts, "features") else [])
+    with torch.no_grad():
+        for name in methods:
+            want, got = getattr(eager, name)(x), getattr(ts, name)(x)
+            if want.shape != got.shape or not torch.allclose(want, got, atol=atol, rtol=rtol):
+                diff = (want - got).abs().max().item() if want.shape == got.shape else float("nan")
+                raise ConfigError(
+                    f"{ts_file}: TorchScript `{name}` differs from the eager network on input {tuple(input_shape)}: "
+                    f"shape {tuple(got.shape)} vs {tuple(want.shape)}, max |diff| {diff:.3g}."
+                )
+
+
+def export_network(
+    network: str,
+    ckpt_file: str | os.PathLike,
+    filepath: str | os.PathLike,
+    bundle_root: str | os.PathLike = "bundle",
+    extra_config_files: Sequence[str | os.PathLike] = (),
+    meta_file: str | os.PathLike | None = None,
+    key_in_ckpt: str = "",
+    use_trace: bool = False,
+    input_shape: Sequence[int] | None = None,
+    check_shape: Sequence[int] | None = None,
+    **override: Any,
+) -> Path:
+    """Export one trained network to TorchScript with ``monai.bundle.ckpt_export`` (metadata and configs embedded).
+
+    Equivalent to::
+
+        python -m monai.bundle ckpt_export network_def --filepath <filepath> --ckpt_file <ckpt_file> \\
+            --meta_file bundle/configs/metadata.json --bundle_root bundle \\
+            --config_file "['bundle/configs/common.json','bundle/configs/train_canvas.json']"
+
+    Args:
+        network: ``"encoder"`` (:class:`~monai_wsi_ext.networks.PatchEncoder`, exported with its ``features``
+            method) or ``"unet"``.
+        ckpt_file: the training checkpoint (a plain state dict, as the bundle's CheckpointSaver writes).
+        filepath: the ``.ts`` file to write (written atomically, after the check; parent folders are created).
+        bundle_root: the bundle folder.
+        extra_config_files: overlays used for training (``configs/datasets/...``), so that e.g. ``backbone`` and
+            ``feature_dim`` match the checkpoint. File base names must differ from the bundle configs'.
+        meta_file: defaults to ``<bundle_root>/configs/metadata.json``.
+        key_in_ckpt: key of the weights in a nested checkpoint (``{"model": ..., "optimizer": ...}``).
+        use_trace: trace ``forward`` instead of scripting it (``features`` is still compiled, being
+            ``@torch.jit.export``); the traced graph is fixed to ``input_shape``'s layout.
+        input_shape: example input for tracing.
+        check_shape: input shape for the eager-vs-TorchScript check; ``None`` picks (1, 3, 64, 64) for the encoder
+            and (1, C, 64, 64) for the U-Net; an empty sequence skips the check.
+        override: further config overrides (``backbone="densenet121"``, ``feature_dim=32``...).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ConfigError: for a missing checkpoint/config, or when the exported module's outputs differ.
+    """
+    from monai.bundle import ckpt_export
+
+    ckpt_file = Path(ckpt_file)
+    if not ckpt_file.is_file():
+        raise ConfigError(f"`ckpt_file` {str(ckpt_file)!r} does not exist; train the {network} first.")
+    config_files = bundle_config_files(network, bundle_root, extra_config_files)
+    meta = str(meta_file) if meta_file is not None else str(Path(bundle_root) / "configs" / "metadata.json")
+    filepath = Path(filepath)
+    if filepath.suffix != ".ts":
+        raise ConfigError(f"`filepath` must end in .ts, got {str(filepath)!r}.")
+    if use_trace and input_shape is None:
+        input_shape = [1, 3, 224, 224] if network == "encoder" else None  # None: taken from the metadata
+    with atomic_path(filepath) as tmp:
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(tmp),
+            ckpt_file=str(ckpt_file),
+            meta_file=meta,
+            config_file=config_files,
+            key_in_ckpt=key_in_ckpt,
+            use_trace=use_trace,
+            input_shape=list(input_shape) if input_shape is not None else None,
+            bundle_root=str(bundle_root),
+            **override,
+        )
+        if check_shape is None or len(check_shape):  # checked before the rename: a bad export leaves no file
+            eager = _eager_network(
+                config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override
+            )
+            if check_shape is None:
+                check_shape = (1, int(getattr(eager, "in_channels", 3)), 64, 64)
+            check_exported(tmp, eager, check_shape)
+        tmp.chmod(0o644)  # the temporary file is created private (0600)
+    logger.info("exported %s -> %s", network, filepath)
+    return filepath
