@@ -191,7 +191,7 @@ class Slide:
 
     def read_regions(
         self, locations: np.ndarray | Sequence[tuple[int, int]], size: int | tuple[int, int], level: int = 0,
-        num_workers: int = 2, batch_size: int = 64,
+        num_workers: int = 2, batch_size: int = 64, copy: bool = True,
     ) -> Iterator[np.ndarray]:
         """Read many same-size regions, yielding ``(b, height, width, 3)`` uint8 batches in the given order.
 
@@ -204,6 +204,9 @@ class Slide:
             level: pyramid level to read from.
             num_workers: decoder threads.
             batch_size: regions per yielded batch.
+            copy: when cuCIM splits the read into several batches it reuses their buffers as it goes on, so each
+                batch is copied out. ``copy=False`` hands over cuCIM's buffer instead: the batch is then valid only
+                until the next one is requested (for callers that consume each batch at once).
         """
         locs = np.asarray(locations, dtype=np.int64).reshape(-1, 2)
         w, h = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
@@ -213,12 +216,16 @@ class Slide:
             try:
                 it = self.handle.read_region([tuple(map(int, p)) for p in locs], (w, h), int(level),
                                              num_workers=max(int(num_workers), 1), batch_size=int(batch_size))
-                if len(locs) == 1:  # cuCIM returns a single image rather than an iterator for one location
-                    yield np.asarray(it)[None, ..., :3]
-                    return
-                for batch in it:
+                # cuCIM returns a single image instead of an iterator for one location read with batch_size 1
+                batches = it if hasattr(it, "__next__") else [it]
+                # When cuCIM splits the read into several batches it reuses their buffers as it moves on, so a
+                # numpy view of an earlier batch changes under the caller: copy those. A read that fits in one
+                # batch owns its buffer (the view's base keeps it alive), so it is handed over without a copy.
+                single = len(locs) <= int(batch_size)
+                for batch in batches:
                     arr = np.asarray(batch)
-                    yield arr[None, ..., :3] if arr.ndim == 3 else arr[..., :3]
+                    arr = arr[None, ..., :3] if arr.ndim == 3 else arr[..., :3]
+                    yield arr if single or not copy else np.array(arr, dtype=np.uint8, copy=True)
             except Exception as e:  # noqa: BLE001
                 raise WSIReadError(self.path, f"cucim batch read failed: {e}") from e
             return

@@ -1,0 +1,87 @@
+"""Shared pytest fixtures: a small synthetic dataset generated once per session, its prepared patch grids, and the
+real test data in ``../shared/data`` (skipped when absent)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: settings of the session's synthetic dataset: small slides, a fine truth mask, a patch grid of 64 px cells
+SYNTHETIC_SETTINGS = {"width": 1536, "height": 1536, "patch_size": 64, "truth_downsample": 4}
+SYNTHETIC_PATCH = SYNTHETIC_SETTINGS["patch_size"]
+
+
+@dataclass
+class SyntheticDataset:
+    """The session's synthetic dataset.
+
+    Attributes:
+        root: the dataset folder.
+        manifest: its ``manifest.json``.
+        records: the manifest's slide records (paths made absolute under ``image``/``asap_xml``/``truth``).
+        patch_size: the grid cell size the slides were generated for.
+    """
+
+    root: Path
+    manifest: Path
+    records: list[dict]
+    patch_size: int
+
+    def slide(self, index: int = 0) -> Path:
+        return Path(self.records[index]["image"])
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``/work/shared/data`` reached from the repository root; the test is skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> SyntheticDataset:
+    """Three 1536 x 1536 synthetic slides (two training, one validation) with ASAP annotations and truth masks
+    at downsample 4, generated once per session (about 2 s)."""
+    from monai_wsi_ext.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    manifest = generate_dataset(root, n_train=2, n_val=1, n_test=0, seed=0, **SYNTHETIC_SETTINGS)
+    records = json.loads(Path(manifest).read_text())["slides"]
+    for rec in records:
+        for key in ("image", "asap_xml", "geojson", "truth"):
+            rec[key] = str(root / rec[key])
+    return SyntheticDataset(root=root, manifest=Path(manifest), records=records, patch_size=SYNTHETIC_PATCH)
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(synthetic_dataset) -> Path:
+    """The first slide of the synthetic dataset."""
+    return synthetic_dataset.slide(0)
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(synthetic_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """The synthetic dataset run through ``prepare_dataset`` with 64 px patches: ``(output_dir, summary)``.
+
+    Read-only for tests: tests that rerun or break the preparation use their own output folder.
+    """
+    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared")
+    inputs = collect_inputs(manifest=synthetic_dataset.manifest)
+    summary = prepare_dataset(inputs, out, PrepareConfig(patch_size=SYNTHETIC_PATCH), progress=False)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def venv_python() -> str:
+    """The interpreter running the tests (the project's venv), for CLI subprocesses."""
+    return sys.executable
