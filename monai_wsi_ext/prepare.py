@@ -192,6 +192,9 @@ def datalist_items(meta: dict, output_dir: str | os.PathLike, include_nolabel: b
     Each item has ``image`` (slide path), ``location`` (level-0 ``[y, x]``, MONAI's order), ``size``
     (``[h, w]`` at ``level``), ``level``, ``label`` (1 tumor / 0 normal; nolabel omitted unless asked) and the
     grid position ``row``/``col`` and ``slide_id``.
+
+    ``location`` is the patch's top-left corner: with MONAI's ``PatchWSIDataset`` pass ``center_location=False``
+    (its default treats locations as centres and would shift every patch by half its size).
     """
     import csv
 

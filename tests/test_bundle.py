@@ -124,8 +124,9 @@ def test_inference_config_subprocess(tiny):
 
     m = patch_metrics(prob[tissue], labels[tissue])
     assert m["n_tumor"] > 5 and m["n_normal"] > 30
-    assert m["roc_auc"] > 0.8, m
-    assert m["pr_auc"] > 2 * m["n_tumor"] / m["n"], m  # well above the PR-AUC of a random ranking (= prevalence)
+    prevalence = m["n_tumor"] / m["n"]  # the PR-AUC of a random ranking
+    assert m["roc_auc"] > 0.7, m  # chance is 0.5; with ~60 patches its standard error is about 0.07
+    assert m["pr_auc"] > prevalence + 0.15, m
 
 
 def test_inference_reports_bad_slide_and_goes_on(tiny, tmp_path):
