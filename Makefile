@@ -2,6 +2,9 @@
 #   make demo   install into .venv and run the whole demo on generated slides
 #   make test   install into .venv (with test extras) and run the test suite
 PYTHON ?= python3.11
+# OpenMP threads that spin-wait fight the slide decoder threads and any other process for the 2 cores
+# (measured 5-10x slowdowns of torch on a busy machine; see BENCHMARKS.md)
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
