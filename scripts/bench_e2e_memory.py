@@ -65,7 +65,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-from monai_wsi_ext.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
+from monai_wsi_ext.io_utils import write_json_atomic  # noqa: E402
+from monai_wsi_ext.bench_utils import cached_synthetic_slide, replace_section  # noqa: E402
 
 __all__ = ["MARKER", "CountingLoader", "measure", "child", "run_child", "benchmark", "table", "summary_lines",
            "markdown", "replace_section", "run"]
@@ -392,22 +393,6 @@ def run_child(spec: dict, work_dir: Path, cap_bytes: int | None, timeout_s: floa
     return res
 
 
-def _ensure_slide(work_dir: Path, size: int, patch_size: int, n_lumps: int, seed: int) -> Path:
-    from monai_wsi_ext.synthetic import SyntheticSlideConfig, generate_slide
-
-    cfg = SyntheticSlideConfig(width=size, height=size, patch_size=patch_size, n_lumps=n_lumps, tumor_regions=3)
-    path = work_dir / f"slide_{size}_{patch_size}_{n_lumps}_{seed}.tif"
-    stamp = path.with_suffix(".json")
-    want = {"seed": seed, "config": cfg.to_dict()}
-    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
-        return path
-    t0 = time.perf_counter()
-    generate_slide(path, seed, cfg)
-    write_json_atomic(stamp, want)
-    logger.info("generated %s in %.1f s", path, time.perf_counter() - t0)
-    return path
-
-
 def _prepare(slide: Path, work_dir: Path, patch_size: int, backend: str) -> Path:
     from monai_wsi_ext.prepare import PrepareConfig, SlideInput, prepare_dataset
 
@@ -440,7 +425,7 @@ def benchmark(quick: bool = False, sizes: Sequence[int] = (1000, 4000, 16000), p
     work = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "monai_wsi_bench"
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    slide = _ensure_slide(work, slide_size, patch_size, n_lumps, seed)
+    slide = cached_synthetic_slide(work, slide_size, patch_size, seed, n_lumps)
     groups = [(patch_size, None, [int(n) for n in sizes])]
     if sizes_224:
         groups.append((256, 224, [int(n) for n in sizes_224]))
@@ -616,24 +601,6 @@ def markdown(res: dict, command: str) -> str:
             ""]
     out += summary_lines(res)
     return "\n".join(out)
-
-
-def replace_section(path: str | os.PathLike, marker: str, body: str, title: str = "# Benchmarks") -> Path:
-    """Insert or replace the text between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->`` in a Markdown
-    file, leaving the rest as it is (created with ``title`` when absent; a new section goes at the end)."""
-    path = Path(path)
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    text = path.read_text() if path.exists() else f"{title}\n"
-    i, j = text.find(start), text.find(end)
-    if i >= 0 and j > i:
-        text = text[:i] + block + text[j + len(end):]
-    elif i >= 0 or j >= 0:
-        raise ValueError(f"{path}: only one of the markers {start!r}/{end!r} is present; fix the file by hand.")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text_atomic(path, text)
-    return path
 
 
 def run(quick: bool = False, sizes: Sequence[int] = (1000, 4000, 16000), patch_size: int = 64,

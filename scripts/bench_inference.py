@@ -57,7 +57,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-from monai_wsi_ext.io_utils import write_json_atomic, write_text_atomic  # noqa: E402
+from monai_wsi_ext.io_utils import write_json_atomic  # noqa: E402
+from monai_wsi_ext.bench_utils import cached_synthetic_slide, replace_section  # noqa: E402
 
 __all__ = [
     "MARKER",
@@ -191,23 +192,6 @@ def encoder_table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ensure_slide(work_dir: Path, size: int, patch_size: int, seed: int, n_lumps: int) -> Path:
-    """Generate (once; reused while the settings are unchanged) the synthetic benchmark slide."""
-    from monai_wsi_ext.synthetic import SyntheticSlideConfig, generate_slide
-
-    cfg = SyntheticSlideConfig(width=size, height=size, patch_size=patch_size, n_lumps=n_lumps, tumor_regions=3)
-    path = work_dir / f"slide_{size}_{patch_size}_{n_lumps}_{seed}.tif"
-    stamp = path.with_suffix(".json")
-    want = {"seed": seed, "config": cfg.to_dict()}
-    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
-        return path
-    t0 = time.perf_counter()
-    generate_slide(path, seed, cfg)
-    write_json_atomic(stamp, want)
-    logger.info("generated %s in %.1f s", path, time.perf_counter() - t0)
-    return path
-
-
 def _time_encoder_only(encoder: torch.nn.Module, patches: torch.Tensor, batch_size: int) -> float:
     x = patches.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -267,7 +251,7 @@ def slide_benchmark(
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    slide = _ensure_slide(work, slide_size, patch_size, seed, n_lumps)
+    slide = cached_synthetic_slide(work, slide_size, patch_size, seed, n_lumps)
     prepared = work / f"prepared_{slide.stem}"
     summary = prepare_dataset([SlideInput(str(slide), annotation=str(slide.with_suffix(".xml")), slide_id="bench")],
                               prepared, PrepareConfig(patch_size=patch_size, backend=backend), progress=False)
@@ -329,25 +313,6 @@ def slide_table(res: dict) -> str:
     for name, s in rows:
         lines.append(f"| {name} | {s:.2f} | {n / s:.1f} | {s / res['encoder_s']:.2f}x |")
     return "\n".join(lines)
-
-
-def replace_section(path: str | os.PathLike, marker: str, body: str, title: str = "# Benchmarks") -> Path:
-    """Insert or replace the text between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->`` in a Markdown
-    file, leaving everything else as it is (the file is created with ``title`` when absent; a new section is
-    appended at the end)."""
-    path = Path(path)
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    text = path.read_text() if path.exists() else f"{title}\n"
-    i, j = text.find(start), text.find(end)
-    if i >= 0 and j > i:
-        text = text[:i] + block + text[j + len(end):]
-    elif i >= 0 or j >= 0:
-        raise ValueError(f"{path}: only one of the markers {start!r}/{end!r} is present; fix the file by hand.")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text_atomic(path, text)
-    return path
 
 
 def _machine() -> dict:

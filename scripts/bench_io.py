@@ -25,26 +25,14 @@ __all__ = ["main", "update_markdown_section"]
 logger = logging.getLogger("bench_io")
 
 SECTION_TITLE = "## Slide reading (scripts/bench_io.py)"
-MARK_START = "<!-- bench_io:start -->"
-MARK_END = "<!-- bench_io:end -->"
 BASELINE = "raw cuCIM batch"
 
 
 def update_markdown_section(path: str | os.PathLike, body: str) -> Path:
-    """Replace the text between this benchmark's markers in ``path`` (or append a marked section; create the file
-    with a ``# Benchmarks`` title when missing). Other sections are left as they are."""
-    from monai_wsi_ext.io_utils import write_text_atomic
+    """Replace this benchmark's marked section in ``path`` (appended, or the file created, when missing)."""
+    from monai_wsi_ext.bench_utils import replace_section
 
-    path = Path(path)
-    block = f"{MARK_START}\n{SECTION_TITLE}\n\n{body.strip()}\n{MARK_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text and text.index(MARK_START) < text.index(MARK_END):
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    return write_text_atomic(path, text)
+    return replace_section(path, "bench_io", f"{SECTION_TITLE}\n\n{body.strip()}")
 
 
 def _synthetic_slide(work_dir: Path, size: int, patch_size: int, seed: int) -> Path:
