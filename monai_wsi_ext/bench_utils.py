@@ -11,9 +11,26 @@ from pathlib import Path
 
 from monai_wsi_ext.io_utils import write_json_atomic, write_text_atomic
 
-__all__ = ["cached_synthetic_slide", "replace_section"]
+__all__ = ["cached_synthetic_slide", "passive_omp_policy", "replace_section"]
 
 logger = logging.getLogger(__name__)
+
+
+def passive_omp_policy() -> str:
+    """Ask OpenMP threads to sleep rather than spin while waiting (``OMP_WAIT_POLICY=PASSIVE``, unless already set).
+
+    Spinning threads fight the slide decoder threads and any other process for the cores; on this project's 2-core
+    machine that slowed torch 5-10x whenever the cores were shared. Must run before torch is imported.
+
+    Returns:
+        the policy in force, with a remark when torch was already loaded (the setting then has no effect).
+    """
+    import sys
+
+    if "torch" in sys.modules:
+        return f"{os.environ.get('OMP_WAIT_POLICY', 'unset')} (torch loaded before this script)"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return os.environ["OMP_WAIT_POLICY"]
 
 
 def cached_synthetic_slide(work_dir: str | os.PathLike, size: int, patch_size: int, seed: int, n_lumps: int = 3,

@@ -43,11 +43,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-if "torch" in sys.modules:  # imported by a process that already loaded torch: its OpenMP settings stand
-    OMP_POLICY = f"{os.environ.get('OMP_WAIT_POLICY', 'unset')} (torch loaded before this script)"
-else:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime; see the docstring
-    OMP_POLICY = os.environ["OMP_WAIT_POLICY"]
+from monai_wsi_ext.bench_utils import passive_omp_policy  # noqa: E402 - no torch import behind it
+
+OMP_POLICY = passive_omp_policy()  # before torch loads its OpenMP runtime; see the docstring
 
 import fire  # noqa: E402
 import numpy as np  # noqa: E402
