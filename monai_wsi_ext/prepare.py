@@ -40,7 +40,8 @@ class PrepareConfig:
         level: read level; ignored when ``target_mpp`` is set.
         target_mpp: read at the level closest to this mpp (within ``mpp_rtol``).
         mpp_rtol: relative tolerance for ``target_mpp``.
-        mpp: level-0 mpp to assume for slides whose file has none (Camelyon16 TIFFs: 0.243).
+        mpp: level-0 mpp to use instead of the file's (required for files without one, e.g. some Camelyon16
+            TIFFs: 0.243); it overrides the file's value for every slide.
         backend: slide reader backend (``auto``, ``cucim``, ``openslide``, ``tiffslide``).
         tissue_threshold: minimum tissue fraction of a kept cell.
         tissue_channel: Otsu channel (``saturation``, ``gray``, ``od``).
@@ -53,8 +54,10 @@ class PrepareConfig:
         exhaustive: annotations mark all tumor, so unannotated tissue is normal.
         label_cells_px: label-mask pixels per cell side used for rasterising annotations.
         class_map: class name -> ``tumor``/``normal``/``exclude`` for GeoJSON/ImageScope classes.
-        label_mask_tumor_values: values of a label-mask TIFF/PNG that mean tumor.
-        label_mask_normal_values: values that mean normal.
+        label_mask_tumor_values: values of a label-mask TIFF/PNG that mean tumor (binary tumor masks such as
+            Camelyon16's use 1 or 255).
+        label_mask_normal_values: values that mean normal (none by default: with ``exhaustive`` the unannotated
+            tissue is normal).
     """
 
     patch_size: int = 256
@@ -74,8 +77,8 @@ class PrepareConfig:
     exhaustive: bool = True
     label_cells_px: int = 16
     class_map: dict | None = None
-    label_mask_tumor_values: tuple = (2, 255)
-    label_mask_normal_values: tuple = (1,)
+    label_mask_tumor_values: tuple = (1, 255)
+    label_mask_normal_values: tuple = ()
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -247,3 +247,22 @@ def test_camelyon16_annotation_on_stand_in_slide(tmp_path, shared_data, syntheti
     carved = (cover([hole.exterior]) == 1) & (cover(tumor_outlines) == 1)
     assert carved.sum() >= 10
     np.testing.assert_array_equal(labels[carved], PatchLabel.NORMAL)
+
+
+def test_label_mask_png_gives_the_same_labels_as_the_xml(synthetic_dataset, prepared_dataset, tmp_path):
+    """A binary tumor mask (255 = tumor) found as ``<stem>_mask.png`` labels the grid like the ASAP XML does."""
+    rec = synthetic_dataset.records[0]
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "s0.tif").symlink_to(rec["image"])
+    with np.load(rec["truth"]) as truth:
+        Image.fromarray(truth["tumor"].astype(np.uint8) * 255).save(folder / "s0_mask.png")
+    inputs = collect_inputs(folder)
+    assert inputs[0].annotation.endswith("s0_mask.png")
+    summary = prepare_dataset(inputs, tmp_path / "out", PrepareConfig(patch_size=synthetic_dataset.patch_size), progress=False)
+    assert not summary["failed"]
+    from_mask = read_patch_table(tmp_path / "out" / "s0" / "patches.csv")
+    from_xml = read_patch_table(prepared_dataset[0] / rec["id"] / "patches.csv")
+    assert np.array_equal(from_mask.rows, from_xml.rows) and np.array_equal(from_mask.cols, from_xml.cols)
+    assert (from_mask.labels == 1).sum() > 0
+    assert (from_mask.labels == from_xml.labels).mean() > 0.97
