@@ -249,8 +249,8 @@ def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: 
         folder = ann_dir or f.parent
         ann = next((folder / f"{f.stem}{s}" for s in ANNOTATION_SUFFIXES if (folder / f"{f.stem}{s}").exists()), None)
         if ann is None:
-            ann = next((folder / f"{f.stem}_mask{s}" for s in (".tif", ".png") if (folder / f"{f.stem}_mask{s}").exists()),
-                       None)
+            masks = (folder / f"{f.stem}_mask{s}" for s in (".tif", ".png"))
+            ann = next((m for m in masks if m.exists()), None)
         inputs.append(SlideInput(image=str(f), annotation=str(ann) if ann else None, split=_split_name(split)))
     return inputs
 

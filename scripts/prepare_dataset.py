@@ -72,7 +72,8 @@ def main(
         patch_size: patch side in pixels at the read level.
         level: pyramid level patches are read at (ignored with ``target_mpp``).
         target_mpp: read at the level whose µm/px is within 10 % of this instead.
-        mpp: level-0 µm/px to use instead of the file's, for every slide (needed when a file has none; Camelyon16: 0.243).
+        mpp: level-0 µm/px to use instead of the file's, for every slide (needed when a file has none;
+            Camelyon16: 0.243).
         backend: slide reader: ``auto`` (cuCIM, then OpenSlide, then tiffslide), ``cucim``, ``openslide`` or
             ``tiffslide``.
         tissue_threshold: minimum tissue fraction of a kept patch.

@@ -25,7 +25,8 @@ def _bundle(config: str, **overrides) -> None:
     from monai.bundle import run as bundle_run
 
     bundle_run(config_file=[COMMON, str(REPO / f"bundle/configs/{config}"), DEMO],
-               meta_file=str(REPO / "bundle/configs/metadata.json"), logging_file=str(REPO / "bundle/configs/logging.conf"),
+               meta_file=str(REPO / "bundle/configs/metadata.json"),
+               logging_file=str(REPO / "bundle/configs/logging.conf"),
                **overrides)
 
 

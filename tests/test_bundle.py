@@ -18,6 +18,10 @@ COMMON = str(CONFIGS / "common.json")
 DEMO = str(REPO / "configs" / "datasets" / "demo.json")
 
 
+_INFERENCE_CMD = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                  f"['{COMMON}','{CONFIGS / 'inference.json'}','{DEMO}']"]
+
+
 def _workflow(config: str, workflow_type: str | None, **overrides):
     from monai.bundle import ConfigWorkflow
 
@@ -103,7 +107,7 @@ def test_train_e2e_config(tiny):
 
 def test_inference_config_subprocess(tiny):
     o = tiny["overrides"]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"['{COMMON}','{CONFIGS / 'inference.json'}','{DEMO}']",
+    cmd = [*_INFERENCE_CMD,
            "--dataset_dir", o["dataset_dir"], "--output_dir", o["output_dir"], "--ckpt_dir", o["ckpt_dir"],
            "--canvas_size", str(o["canvas_size"])]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -138,7 +142,7 @@ def test_inference_reports_bad_slide_and_goes_on(tiny, tmp_path):
     (slides / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 100)
     o = tiny["overrides"]
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"['{COMMON}','{CONFIGS / 'inference.json'}','{DEMO}']",
+    cmd = [*_INFERENCE_CMD,
            "--input_slides", str(slides), "--output_dir", str(out), "--ckpt_dir", o["ckpt_dir"],
            "--canvas_size", str(o["canvas_size"]), "--split", "None"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)

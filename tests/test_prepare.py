@@ -259,7 +259,8 @@ def test_label_mask_png_gives_the_same_labels_as_the_xml(synthetic_dataset, prep
         Image.fromarray(truth["tumor"].astype(np.uint8) * 255).save(folder / "s0_mask.png")
     inputs = collect_inputs(folder)
     assert inputs[0].annotation.endswith("s0_mask.png")
-    summary = prepare_dataset(inputs, tmp_path / "out", PrepareConfig(patch_size=synthetic_dataset.patch_size), progress=False)
+    cfg = PrepareConfig(patch_size=synthetic_dataset.patch_size)
+    summary = prepare_dataset(inputs, tmp_path / "out", cfg, progress=False)
     assert not summary["failed"]
     from_mask = read_patch_table(tmp_path / "out" / "s0" / "patches.csv")
     from_xml = read_patch_table(prepared_dataset[0] / rec["id"] / "patches.csv")
