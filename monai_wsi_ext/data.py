@@ -491,9 +491,9 @@ class SlidePatchSource:
         """Yield ``(indices, patches)`` batches in table order, reading and transforming ahead in a background
         thread so that decoding overlaps the encoder (cuCIM and OpenSlide release the GIL while decoding).
 
-        The whole table is one batched read, so cuCIM keeps decoding the next batches while a batch is
-        transformed; each batch is transformed straight from cuCIM's buffer (no uint8 copy) before the next one
-        is requested."""
+        cuCIM reads the table in spans of a few batches (``Slide.read_regions``) and keeps decoding the next
+        batches of a span while a batch is transformed; each batch is transformed straight from cuCIM's buffer
+        (no uint8 copy) before the next one is requested. Stopping early finishes the current span first."""
         q: queue.Queue = queue.Queue(maxsize=max(int(prefetch), 1))
         stop = threading.Event()
 

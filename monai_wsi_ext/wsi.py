@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("cucim", "openslide", "tiffslide")
 
 
+# Batches per native cuCIM call in ``Slide.read_regions``: enough for cuCIM to pipeline decoding, few enough that
+# a reader stopped early finishes the outstanding span quickly.
+_CUCIM_SPAN_BATCHES = 8
+
+
 class TiffSlideWSIReader(OpenSlideWSIReader):
     """MONAI WSI reader over `tiffslide` (OpenSlide's API on tifffile + zarr; reads only the tiles it needs)."""
 
@@ -213,26 +218,50 @@ class Slide:
         if len(locs) == 0:
             return
         if self._batch_native:
-            try:
-                it = self.handle.read_region([tuple(map(int, p)) for p in locs], (w, h), int(level),
-                                             num_workers=max(int(num_workers), 1), batch_size=int(batch_size))
-                # cuCIM returns a single image instead of an iterator for one location read with batch_size 1
-                batches = it if hasattr(it, "__next__") else [it]
-                # When cuCIM splits the read into several batches it reuses their buffers as it moves on, so a
-                # numpy view of an earlier batch changes under the caller: copy those. A read that fits in one
-                # batch owns its buffer (the view's base keeps it alive), so it is handed over without a copy.
-                single = len(locs) <= int(batch_size)
-                for batch in batches:
-                    arr = np.asarray(batch)
-                    arr = arr[None, ..., :3] if arr.ndim == 3 else arr[..., :3]
-                    yield arr if single or not copy else np.array(arr, dtype=np.uint8, copy=True)
-            except Exception as e:  # noqa: BLE001
-                raise WSIReadError(self.path, f"cucim batch read failed: {e}") from e
+            # One cuCIM call per span of a few batches: cuCIM pipelines the batches within a call, and a caller
+            # that stops early waits for at most one span (see ``_cucim_batches``).
+            span = int(batch_size) * _CUCIM_SPAN_BATCHES
+            for start in range(0, len(locs), span):
+                yield from self._cucim_batches(locs[start:start + span], (w, h), int(level), num_workers,
+                                               int(batch_size), copy)
             return
         with ThreadPoolExecutor(max_workers=max(int(num_workers), 1)) as pool:
             for start in range(0, len(locs), batch_size):
                 chunk = locs[start:start + batch_size]
                 yield np.stack(list(pool.map(lambda p: self.read_region(p[0], p[1], w, h, level), chunk)))
+
+    def _cucim_batches(self, locs: np.ndarray, size: tuple[int, int], level: int, num_workers: int,
+                       batch_size: int, copy: bool) -> Iterator[np.ndarray]:
+        try:
+            it = self.handle.read_region([tuple(map(int, p)) for p in locs], size, level,
+                                         num_workers=max(int(num_workers), 1), batch_size=batch_size)
+        except Exception as e:  # noqa: BLE001
+            raise WSIReadError(self.path, f"cucim batch read failed: {e}") from e
+        # cuCIM returns a single image instead of an iterator for one location read with batch_size 1
+        if not hasattr(it, "__next__"):
+            arr = np.asarray(it)
+            yield arr[None, ..., :3] if arr.ndim == 3 else arr[..., :3]
+            return
+        # When cuCIM splits the read into several batches it reuses their buffers as it moves on, so a numpy view
+        # of an earlier batch changes under the caller: copy those. A read that fits in one batch owns its buffer
+        # (the view's base keeps it alive), so it is handed over without a copy.
+        single = len(locs) <= batch_size
+        finished = False
+        try:
+            for batch in it:
+                arr = np.asarray(batch)
+                arr = arr[None, ..., :3] if arr.ndim == 3 else arr[..., :3]
+                yield arr if single or not copy else np.array(arr, dtype=np.uint8, copy=True)
+            finished = True
+        except Exception as e:  # noqa: BLE001
+            finished = True  # cuCIM stopped by itself
+            raise WSIReadError(self.path, f"cucim batch read failed: {e}") from e
+        finally:
+            if not finished:
+                # Releasing a batch iterator that cuCIM's workers are still filling corrupts the heap (cuCIM
+                # 23.10: "corrupted double-linked list", SIGABRT, seen in about 1 of 4 runs); run it to its end.
+                for _ in it:
+                    pass
 
     def thumbnail(self, max_size: int = 2048, level: int | None = None) -> tuple[np.ndarray, float]:
         """A low-resolution RGB image of the whole slide and its downsample relative to level 0.
