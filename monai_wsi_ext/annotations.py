@@ -53,6 +53,8 @@ __all__ = [
     "polygons_area",
     "rasterize_annotations",
     "read_annotations",
+    "label_mask_level_for",
+    "label_mask_level_shapes",
     "read_label_mask",
     "write_asap_xml",
     "write_qupath_geojson",
@@ -690,6 +692,55 @@ def _check_pixels(path: Path, shape: Sequence[int], max_pixels: int | None, what
                                     "coarser pyramid level (`level`) or raise `max_pixels`")
 
 
+def _tiff_pyramid(tif) -> list:
+    """The levels of a TIFF's first image, finest first (tifffile series or levels)."""
+    levels = list(tif.series[0].levels)
+    if len(levels) == 1 and len(tif.series) > 1:
+        # pyramids written as one page per level appear as several series of decreasing size
+        levels = [s for s in tif.series if s.ndim == levels[0].ndim and
+                  all(a <= b for a, b in zip(s.shape, levels[0].shape))]
+    return levels
+
+
+def label_mask_level_shapes(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """``(rows, cols)`` of each level of a label-mask image, finest first (one level for PNG).
+
+    Raises:
+        AnnotationError: the file is missing or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(path, "label mask not found")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                if not tif.series:
+                    raise AnnotationError(path, "TIFF has no image series")
+                return [(int(s.shape[0]), int(s.shape[1])) for s in _tiff_pyramid(tif)]
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return [(int(im.height), int(im.width))]
+    except AnnotationError:
+        raise
+    except Exception as e:  # tifffile and PIL raise many types for corrupt files
+        raise AnnotationError(path, f"label mask could not be read ({type(e).__name__}: {e})") from None
+
+
+def label_mask_level_for(path: str | os.PathLike, slide_width: int, max_downsample: float) -> int:
+    """The coarsest level of a label mask whose downsample from the slide (slide width over level width) does not
+    exceed ``max_downsample``; level 0 when even that is coarser.
+
+    Camelyon16 masks are pyramids of the slide's size (level 0 about 10^10 pixels): reading the level that
+    matches the patch grid keeps their labels exact at cell resolution without holding level 0.
+    """
+    shapes = label_mask_level_shapes(path)
+    ok = [i for i, (_, cols) in enumerate(shapes) if slide_width / cols <= float(max_downsample) * 1.001]
+    return max(ok) if ok else 0
+
+
 def _read_tiff_level(path: Path, level: int, max_pixels: int | None) -> np.ndarray:
     import tifffile
 
@@ -697,11 +748,7 @@ def _read_tiff_level(path: Path, level: int, max_pixels: int | None) -> np.ndarr
         with tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise AnnotationError(path, "TIFF has no image series")
-            levels = list(tif.series[0].levels)
-            if len(levels) == 1 and len(tif.series) > 1:
-                # pyramids written as one page per level appear as several series of decreasing size
-                levels = [s for s in tif.series if s.ndim == levels[0].ndim and
-                          all(a <= b for a, b in zip(s.shape, levels[0].shape))]
+            levels = _tiff_pyramid(tif)
             if not 0 <= level < len(levels):
                 raise AnnotationError(path, f"`level={level}` does not exist; the mask has {len(levels)} level(s) "
                                             f"{[tuple(s.shape) for s in levels]}")

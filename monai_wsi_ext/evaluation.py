@@ -243,17 +243,6 @@ def find_truth(slide_id: str, truth: str | os.PathLike | Mapping[str, str] | Non
     return None
 
 
-def _tiff_levels(path: Path) -> list[tuple[int, int]]:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        levels = list(tif.series[0].levels)
-        if len(levels) == 1 and len(tif.series) > 1:
-            levels = [s for s in tif.series if s.ndim == levels[0].ndim and
-                      all(a <= b for a, b in zip(s.shape, levels[0].shape))]
-        return [(int(s.shape[0]), int(s.shape[1])) for s in levels]
-
-
 def load_truth_mask(path: str | os.PathLike, slide_size: Sequence[int] | None = None, mask_downsample: float = 32.0,
                     tumor_values: Sequence[int] = (1, 2, 255), class_map: Mapping[str, str] | None = None
                     ) -> TruthMask:
@@ -296,12 +285,7 @@ def load_truth_mask(path: str | os.PathLike, slide_size: Sequence[int] | None = 
                           "heatmap record).")
     width, height = int(slide_size[0]), int(slide_size[1])
     if path.suffix.lower() in _MASK_SUFFIXES:
-        level = 0
-        if path.suffix.lower() in (".tif", ".tiff"):
-            shapes = _tiff_levels(path)
-            downs = [width / s[1] for s in shapes]
-            ok = [i for i, d in enumerate(downs) if d <= float(mask_downsample) * 1.001]
-            level = max(ok) if ok else 0
+        level = ann.label_mask_level_for(path, width, mask_downsample)
         raw = ann.read_label_mask(path, level=level, tumor_values=tuple(int(v) for v in tumor_values))
         return TruthMask(raw == ann.MASK_TUMOR, width / raw.shape[1], str(path))
     if path.suffix.lower() in _POLYGON_SUFFIXES:

@@ -110,7 +110,10 @@ def _label_mask_for(inp: SlideInput, cfg: PrepareConfig, slide_size: tuple[int, 
     shape = (int(np.ceil(height / downsample)), int(np.ceil(width / downsample)))
     path = Path(inp.annotation)
     if path.suffix.lower() in (".png", ".tif", ".tiff"):
-        raw = ann.read_label_mask(path, tumor_values=tuple(cfg.label_mask_tumor_values),
+        # the coarsest pyramid level that still has label_cells_px mask pixels per cell (Camelyon16 masks are
+        # pyramids of the slide's size: level 0 would not fit in memory)
+        raw = ann.read_label_mask(path, level=ann.label_mask_level_for(path, width, downsample),
+                                  tumor_values=tuple(cfg.label_mask_tumor_values),
                                   normal_values=tuple(cfg.label_mask_normal_values))
         return raw, width / raw.shape[1]
     polygons = ann.read_annotations(path, class_map=cfg.class_map)

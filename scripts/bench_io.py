@@ -265,9 +265,9 @@ def main(
             f"Command: `{cmd}`",
             "",
             f"- Date: {_dt.date.today().isoformat()}",
-            f"- Machine: {os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), shared with other "
-            f"jobs (load average after the run: {', '.join(f'{v:.1f}' for v in load) if load else 'n/a'}); no GPU "
-            "(cuCIM decodes on the CPU)",
+            f"- Machine: {os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), load average after "
+            f"the run {', '.join(f'{v:.1f}' for v in load) if load else 'n/a'} (above the core count: other jobs "
+            "were running); no GPU (cuCIM decodes on the CPU)",
             f"- Slide: {path.name}, {geometry}, JPEG tiles"
             + (" (synthetic, `monai_wsi_ext.synthetic`)" if slide is None else ""),
             f"- Patches: {len(locs)} tissue cells of {patch_size} x {patch_size} at level 0 (Otsu mask, >= 80 % "

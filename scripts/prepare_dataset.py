@@ -65,7 +65,8 @@ def main(
         slides: a folder of slides, one slide file, or a list (``--slides "[a.svs,b.svs]"``).
         output_dir: where the outputs go.
         annotations: folder with annotations named after the slides (``<stem>.xml``/``.geojson``/``.json`` or a
-            label mask ``<stem>_mask.tif``/``.png``); defaults to the slides' own folder.
+            label mask ``<stem>_mask.tif``/``.png``, 1 or 255 = tumor; a pyramidal mask TIFF is read at the
+            coarsest level with 16 mask pixels per cell side); defaults to the slides' own folder.
         manifest: a dataset ``manifest.json`` (from the synthetic generator) instead of ``slides``; its splits
             are used.
         split: split name for ``slides`` (``training``, ``validation``, ``test``; ``train``/``val`` accepted).

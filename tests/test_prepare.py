@@ -267,3 +267,47 @@ def test_label_mask_png_gives_the_same_labels_as_the_xml(synthetic_dataset, prep
     assert np.array_equal(from_mask.rows, from_xml.rows) and np.array_equal(from_mask.cols, from_xml.cols)
     assert (from_mask.labels == 1).sum() > 0
     assert (from_mask.labels == from_xml.labels).mean() > 0.97
+
+
+def test_pyramidal_label_mask_is_read_at_the_grid_level(synthetic_dataset, prepared_dataset, tmp_path, monkeypatch):
+    """A Camelyon16-style mask TIFF (a pyramid of the slide's size, one page per level) is read at the coarsest level
+    with ``label_cells_px`` pixels per cell, never at level 0, and labels the grid like the ASAP XML."""
+    import tifffile
+
+    from monai_wsi_ext import annotations as ann
+
+    rec = synthetic_dataset.records[0]
+    with open_slide(rec["image"]) as slide:
+        width, height = slide.dimensions
+    with np.load(rec["truth"]) as truth:
+        tumor, ds = truth["tumor"], float(truth["downsample"])
+    rows, cols = np.minimum((np.arange(height) / ds).astype(int), tumor.shape[0] - 1), \
+        np.minimum((np.arange(width) / ds).astype(int), tumor.shape[1] - 1)
+    level0 = tumor[np.ix_(rows, cols)].astype(np.uint8)  # 1 = tumor, as in ASAP-converted Camelyon16 masks
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "s0.tif").symlink_to(rec["image"])
+    with tifffile.TiffWriter(folder / "s0_mask.tif") as tw:
+        for k in range(5):
+            tw.write(level0[::2 ** k, ::2 ** k], tile=(128, 128), compression="zlib")
+
+    assert ann.label_mask_level_shapes(folder / "s0_mask.tif")[2] == (height // 4, width // 4)
+    cfg = PrepareConfig(patch_size=synthetic_dataset.patch_size)  # 16 mask pixels per 64 px cell: downsample 4
+    assert ann.label_mask_level_for(folder / "s0_mask.tif", width, cfg.patch_size / cfg.label_cells_px) == 2
+    assert ann.label_mask_level_for(folder / "s0_mask.tif", width, 0.5) == 0  # finer than level 0: level 0
+    assert ann.label_mask_level_for(folder / "s0_mask.tif", width, 1000) == 4
+
+    levels_read = []
+    real_read = ann.read_label_mask
+
+    def spy(path, level=0, **kw):
+        levels_read.append(level)
+        return real_read(path, level=level, **kw)
+
+    monkeypatch.setattr(ann, "read_label_mask", spy)
+    summary = prepare_dataset(collect_inputs(folder), tmp_path / "out", cfg, progress=False)
+    assert not summary["failed"] and levels_read == [2]
+    from_mask = read_patch_table(tmp_path / "out" / "s0" / "patches.csv")
+    from_xml = read_patch_table(prepared_dataset[0] / rec["id"] / "patches.csv")
+    assert np.array_equal(from_mask.rows, from_xml.rows) and (from_mask.labels == 1).sum() > 0
+    assert (from_mask.labels == from_xml.labels).mean() > 0.97
