@@ -260,8 +260,11 @@ class Slide:
             if not finished:
                 # Releasing a batch iterator that cuCIM's workers are still filling corrupts the heap (cuCIM
                 # 23.10: "corrupted double-linked list", SIGABRT, seen in about 1 of 4 runs); run it to its end.
-                for _ in it:
-                    pass
+                try:
+                    for _ in it:
+                        pass
+                except Exception:  # noqa: BLE001 - the caller has stopped reading; its own exception goes on
+                    logger.debug("%s: cucim batch read failed while finishing a read stopped early", self.path)
 
     def thumbnail(self, max_size: int = 2048, level: int | None = None) -> tuple[np.ndarray, float]:
         """A low-resolution RGB image of the whole slide and its downsample relative to level 0.
