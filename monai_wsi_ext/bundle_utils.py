@@ -28,6 +28,9 @@ __all__ = [
     "verify_bundle_metadata",
     "export_network",
     "check_exported",
+    "SETTINGS_FILE",
+    "SETTINGS_KEYS",
+    "read_embedded_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,13 @@ NETWORKS: dict[str, str] = {"encoder": "train_encoder.json", "unet": "train_canv
 """Network name -> the bundle config that sets ``network_def`` to it (layered on ``common.json``)."""
 
 _MAX_LISTED_ERRORS = 10
+
+SETTINGS_FILE = "wsi_canvas.json"
+"""Extra file embedded in each exported ``.ts``: the resolved settings inference needs (see :data:`SETTINGS_KEYS`)."""
+
+SETTINGS_KEYS = ("backbone", "feature_dim", "patch_size", "patch_level", "crop_size", "canvas_size", "canvas_mode",
+                 "stain_normalize", "mpp", "prepare")
+"""Config keys resolved at export time and embedded as :data:`SETTINGS_FILE` (those the configs define)."""
 
 
 def _load_json(path: Path, what: str) -> Any:
@@ -259,6 +269,56 @@ def export_network(
             if check_shape is None:
                 check_shape = (1, int(getattr(eager, "in_channels", 3)), 64, 64)
             check_exported(tmp, eager, check_shape)
+        _embed_settings(tmp, config_files, meta, bundle_root, override)
         tmp.chmod(0o644)  # the temporary file is created private (0600)
     logger.info("exported %s -> %s", network, filepath)
     return filepath
+
+
+def _resolved_settings(config_files: Sequence[str], meta_file: str, bundle_root, override: Mapping[str, Any]) -> dict:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    parser.read_meta(meta_file)
+    parser["bundle_root"] = str(bundle_root)
+    for k, v in override.items():
+        parser[k] = v
+    out = {}
+    for key in SETTINGS_KEYS:
+        if key in parser:
+            value = parser.get_parsed_content(key)
+            out[key] = value.value if hasattr(value, "value") else value
+    return json.loads(json.dumps(out, default=str))
+
+
+def _embed_settings(ts_file: Path, config_files: Sequence[str], meta_file: str, bundle_root,
+                    override: Mapping[str, Any]) -> None:
+    """Re-save an exported module with :data:`SETTINGS_FILE` added to the extra files ``ckpt_export`` wrote (its
+    metadata and raw configs), so that the ``.ts`` alone says how to tile and crop slides for it: the config
+    overrides given at export time are resolved in it, which the raw configs do not show."""
+    names = ["metadata.json"] + [Path(f).stem + ".json" for f in config_files]
+    extra = {n: "" for n in names}
+    module = torch.jit.load(str(ts_file), map_location="cpu", _extra_files=extra)
+    extra[SETTINGS_FILE] = json.dumps(_resolved_settings(config_files, meta_file, bundle_root, override))
+    torch.jit.save(module, str(ts_file), _extra_files=extra)
+
+
+def read_embedded_settings(ts_file: str | os.PathLike) -> dict:
+    """The settings :func:`export_network` embedded in a ``.ts`` file (``{}`` for files exported otherwise).
+
+    Raises:
+        ConfigError: the file is not a TorchScript archive or its settings are not JSON.
+    """
+    extra = {SETTINGS_FILE: ""}
+    try:
+        torch.jit.load(str(ts_file), map_location="cpu", _extra_files=extra)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/ValueError for non-archives
+        raise ConfigError(f"{ts_file}: not a TorchScript file ({type(e).__name__}: {e})") from None
+    text = extra[SETTINGS_FILE]
+    if not text:
+        return {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{ts_file}: embedded {SETTINGS_FILE} is not valid JSON ({e})") from None

@@ -21,6 +21,7 @@ from monai_wsi_ext.bundle_utils import (
     bundle_config_files,
     check_exported,
     export_network,
+    read_embedded_settings,
     verify_bundle_metadata,
 )
 from monai_wsi_ext.errors import ConfigError
@@ -195,6 +196,10 @@ class TestExport(unittest.TestCase):
         self.assertEqual(meta["version"], "0.1.0")
         self.assertEqual(meta["network_data_format"]["inputs"]["image"]["num_channels"], 16)
         self.assertEqual(json.loads(extra["train_canvas.json"])["network_def"], "@unet_def")
+        # the resolved settings travel with the module (ckpt_export's metadata and configs are kept above)
+        self.assertEqual(read_embedded_settings(out), {
+            "backbone": "googlenet", "feature_dim": 16, "patch_size": 256, "patch_level": 0, "crop_size": 224,
+            "canvas_size": 512, "canvas_mode": "slide", "stain_normalize": False})
         x = torch.rand(1, 16, 64, 64)
         with torch.no_grad():
             got, want = ts(x), self.unet(x)
@@ -213,6 +218,20 @@ class TestExport(unittest.TestCase):
             torch.testing.assert_close(feats, self.encoder.features(x), atol=1e-5, rtol=1e-4)
         self.assertEqual(tuple(logits.shape), (2, 2))
         self.assertEqual(tuple(feats.shape), (2, 16))
+
+    def test_export_overrides_are_embedded_resolved(self):
+        """Overrides given at export time (not visible in the raw embedded configs) are in the embedded settings;
+        a TorchScript file saved without them has none."""
+        out = export_network("unet", self.dir / "unet.pt", self.dir / "unet_c.ts", bundle_root=BUNDLE,
+                             canvas_size=128, patch_size=64, crop_size="$@patch_size - 8", check_shape=())
+        got = read_embedded_settings(out)
+        self.assertEqual((got["canvas_size"], got["patch_size"], got["crop_size"]), (128, 64, 56))
+        plain = self.dir / "plain.ts"
+        torch.jit.save(torch.jit.script(self.unet), str(plain))
+        self.assertEqual(read_embedded_settings(plain), {})
+        (self.dir / "not_ts.ts").write_bytes(b"not a zip")
+        with self.assertRaisesRegex(ConfigError, "not a TorchScript file"):
+            read_embedded_settings(self.dir / "not_ts.ts")
 
     def test_checkpoint_config_mismatch_fails(self):
         """A checkpoint trained with feature_dim 16 cannot be exported into a network built with feature_dim 8."""
