@@ -10,7 +10,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: demo test install clean-demo
+DEPLOY_VENV ?= .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+
+.PHONY: demo test test-deploy install clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +28,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q --timeout 900 tests
+
+# the MONAI Deploy application and its test, in a separate venv: the App SDK brings Holoscan and changes some of
+# the main install's packages (protobuf, cuda-bindings); not part of `make test`
+$(DEPLOY_STAMP): pyproject.toml
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet -e ".[test,deploy]"
+	touch $(DEPLOY_STAMP)
+
+test-deploy: $(DEPLOY_STAMP)
+	REQUIRE_MONAI_DEPLOY=1 $(DEPLOY_VENV)/bin/python -m pytest -q --timeout 900 tests/test_deploy.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -418,6 +418,8 @@ class SlideInference:
         batch_size: patches per encoder call.
         crop_size: eval centre crop.
         backend: slide reader backend.
+        weight_files: name -> file of the weights in use, for the checksums of the run record, when the networks
+            come loaded (e.g. TorchScript files) rather than from ``encoder_checkpoint``/``unet_checkpoint``.
     """
 
     def __init__(self, output_dir: str, encoder: torch.nn.Module, unet: torch.nn.Module | None = None,
@@ -426,7 +428,7 @@ class SlideInference:
                  prepare: dict | None = None, canvas_size: int = 512, canvas_mode: str = "slide",
                  mode: str = "canvas", threshold: float = 0.5, device="auto", batch_size: int = 64,
                  crop_size: int | None = 224, backend: str = "auto", channels_last: bool = True,
-                 stain_normalize: bool = False, config: dict | None = None):
+                 stain_normalize: bool = False, config: dict | None = None, weight_files: dict | None = None):
         if mode not in ("canvas", "classifier"):
             raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
         if mode == "canvas" and unet is None:
@@ -441,6 +443,7 @@ class SlideInference:
         self.batch_size, self.crop_size, self.backend = batch_size, crop_size, backend
         self.channels_last, self.stain_normalize = channels_last, stain_normalize
         self.config = config
+        self.weight_files = dict(weight_files or {})
 
     def _load_networks(self) -> None:
         from monai_wsi_ext.networks import load_encoder_checkpoint, read_state_dict
@@ -478,6 +481,7 @@ class SlideInference:
         slides = self._prepared()
         transform = make_patch_transform(False, self.crop_size, self.stain_normalize)
         weights = {k: v for k, v in (("encoder", self.encoder_checkpoint), ("unet", self.unet_checkpoint)) if v}
+        weights.update(self.weight_files)
         results, failed = {}, dict(self._prepare_failed)
         for meta in slides:
             sid = meta["slide_id"]
