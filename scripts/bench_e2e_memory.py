@@ -595,7 +595,8 @@ def markdown(res: dict, command: str) -> str:
             "every patch in memory "
             "and the graph of all N kept, one backward. Children run under a memory cap of "
             f"{res['cap_gb']} GB (`RLIMIT_AS` + a watchdog); \"OOM at X\" is the peak reached before the allocation "
-            "failed. The machine is shared with other jobs, so step times are noisy (single runs).", "", table(res),
+            "failed. Step times are single runs: noisy when other jobs share the machine (see the load average).", "",
+            table(res),
             ""]
     out += summary_lines(res)
     return "\n".join(out)

@@ -357,8 +357,8 @@ def markdown(res: dict, command: str) -> str:
            f"load average (1/5/15 min) {res['loadavg_before']} before, {res['loadavg_after']} after."]
     if res["quick"]:
         out += ["", "**Quick smoke run (tiny sizes): the numbers say nothing about speed.**"]
-    out += ["", "The machine is shared with other jobs, so timings are noisy (a load average above the CPU count means "
-            "another process competed for the cores); each value is the best of "
+    out += ["", "Timings are noisy when other jobs share the machine (a load average above the CPU count means another "
+            "process competed for the cores); each value is the best of "
             f"{s['repeats']} round(s) taken in turn, so competing load hits all cells alike, but ratios between cells "
             "can still move by 10-20 % from run to run."]
     if res["encoder"]:
