@@ -7,6 +7,7 @@ Configs name these by dotted path, e.g. ``"_target_": "monai_wsi_ext.workflows.F
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from monai_wsi_ext.canvas import (
 )
 from monai_wsi_ext.data import SlidePatchSource, load_prepared_slides, make_patch_transform
 from monai_wsi_ext.engines import freeze_batchnorm
-from monai_wsi_ext.errors import MonaiWsiExtError
+from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.grid import PatchLabel
 from monai_wsi_ext.io_utils import atomic_path, write_json_atomic
 
@@ -420,6 +421,8 @@ class SlideInference:
         backend: slide reader backend.
         weight_files: name -> file of the weights in use, for the checksums of the run record, when the networks
             come loaded (e.g. TorchScript files) rather than from ``encoder_checkpoint``/``unet_checkpoint``.
+        itk_format: also write the map as an ITK image with physical spacing (``nrrd`` or ``mha``; needs
+            the ``itk`` extra), see :func:`monai_wsi_ext.writers.write_prob_itk`.
     """
 
     def __init__(self, output_dir: str, encoder: torch.nn.Module, unet: torch.nn.Module | None = None,
@@ -428,7 +431,8 @@ class SlideInference:
                  prepare: dict | None = None, canvas_size: int = 512, canvas_mode: str = "slide",
                  mode: str = "canvas", threshold: float = 0.5, device="auto", batch_size: int = 64,
                  crop_size: int | None = 224, backend: str = "auto", channels_last: bool = True,
-                 stain_normalize: bool = False, config: dict | None = None, weight_files: dict | None = None):
+                 stain_normalize: bool = False, config: dict | None = None, weight_files: dict | None = None,
+                 itk_format: str | None = None):
         if mode not in ("canvas", "classifier"):
             raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
         if mode == "canvas" and unet is None:
@@ -444,6 +448,14 @@ class SlideInference:
         self.channels_last, self.stain_normalize = channels_last, stain_normalize
         self.config = config
         self.weight_files = dict(weight_files or {})
+        self.itk_format = itk_format or None
+        if self.itk_format is not None:  # fail before any slide rather than on every slide
+            from monai_wsi_ext.writers import ITK_FORMATS
+
+            if self.itk_format not in ITK_FORMATS:
+                raise ConfigError(f"`itk_format` must be one of {ITK_FORMATS} or None, got {itk_format!r}.")
+            if importlib.util.find_spec("itk") is None:
+                raise ConfigError("`itk_format` needs the `itk` extra: pip install -e \".[itk]\"")
 
     def _load_networks(self) -> None:
         from monai_wsi_ext.networks import load_encoder_checkpoint, read_state_dict
@@ -501,7 +513,8 @@ class SlideInference:
                 source.close()
                 out = write_slide_outputs(self.output_dir / sid, sid, pgrid, grid.cell_size,
                                           tuple(meta["dimensions"]), meta.get("mpp"), thumb, thumb_ds,
-                                          threshold=self.threshold, config=self.config, weights=weights)
+                                          threshold=self.threshold, config=self.config, weights=weights,
+                                          itk_format=self.itk_format)
                 np.save(self.output_dir / sid / f"{sid}_labels.npy", grid.label_grid())
                 results[sid] = {"slide_score": out["slide_score"], "n_regions": out.get("n_regions"),
                                 "n_patches": len(grid), "seconds": round(time.perf_counter() - t0, 2),

@@ -47,6 +47,8 @@ __all__ = [
     "choose_heatmap_downsample",
     "write_prob_npy",
     "write_prob_png",
+    "ITK_FORMATS",
+    "write_prob_itk",
     "write_heatmap_tiff",
     "write_overlay_png",
     "tumor_regions",
@@ -185,6 +187,54 @@ def write_prob_npy(path: str | os.PathLike, prob: np.ndarray) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
     return Path(path)
+
+
+ITK_FORMATS = ("nrrd", "mha")
+"""File formats of :func:`write_prob_itk` (the file extension); both keep NaN (NIfTI through ITK does not, so it is
+not offered)."""
+
+
+def write_prob_itk(path: str | os.PathLike, prob: np.ndarray, cell_size: float, mpp: float | None = None) -> Path:
+    """Write the probability grid as a 2-D float32 ITK image with its physical geometry, for ITK-based tools
+    (3D Slicer, ITK-SNAP, MONAI Label, SimpleITK pipelines) that read spacing and origin rather than a pixel grid.
+
+    One pixel per grid cell; spacing is the cell size in millimetres (``cell_size * mpp / 1000``) or, without an
+    mpp, in level-0 pixels; the origin is the centre of cell ``(0, 0)``, so a pixel's physical position is the
+    centre of its cell on the slide. Cells without tissue stay NaN. Needs the ``itk`` extra
+    (``pip install -e ".[itk]"``).
+
+    Args:
+        path: destination ending in ``.nrrd`` or ``.mha`` (:data:`ITK_FORMATS`).
+        prob: ``(H, W)`` probabilities in [0, 1], NaN for no tissue.
+        cell_size: grid cell size in level-0 pixels.
+        mpp: level-0 microns per pixel, or None.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: an unknown extension, bad ``prob`` or ``cell_size``.
+        ConfigError: ``itk`` is not installed.
+    """
+    path = Path(path)
+    fmt = next((f for f in ITK_FORMATS if path.name.lower().endswith("." + f)), None)
+    if fmt is None:
+        raise ValueError(f"{path}: the ITK heatmap must end in one of {['.' + f for f in ITK_FORMATS]}.")
+    arr = _check_prob(prob)
+    cell = _check_cell_size(cell_size)
+    try:
+        import itk
+    except ImportError:
+        from monai_wsi_ext.errors import ConfigError
+
+        raise ConfigError("writing ITK heatmaps needs the `itk` extra: pip install -e \".[itk]\"") from None
+    spacing = cell * float(mpp) / 1000.0 if mpp else cell
+    image = itk.image_from_array(np.ascontiguousarray(arr, dtype=np.float32))
+    image.SetSpacing([spacing, spacing])
+    image.SetOrigin([spacing / 2.0, spacing / 2.0])
+    with atomic_path(path, suffix="." + fmt) as tmp:  # ITK picks the format from the extension
+        itk.imwrite(image, str(tmp))
+    return path
 
 
 def write_prob_png(
@@ -760,6 +810,7 @@ def write_slide_outputs(
     config: dict | None = None,
     weights: dict[str, str | os.PathLike] | None = None,
     score_method: str = "smoothed_max",
+    itk_format: str | None = None,
 ) -> dict:
     """Write every output of one slide under ``out_dir`` with consistent names.
 
@@ -781,10 +832,13 @@ def write_slide_outputs(
         config: configuration to record (and hash).
         weights: name -> weights file to hash into the record.
         score_method: :func:`slide_score` method.
+        itk_format: also write ``{slide_id}_prob.<format>`` with :func:`write_prob_itk` (``nrrd`` or ``mha``);
+            None skips it.
 
     Returns:
-        ``{"prob_npy", "prob_png", "heatmap_tiff", "overlay_png", "tumor_geojson", "record_json"}`` -> Path (or
-        None for a skipped overlay), plus ``slide_score``, ``n_regions`` and ``heatmap_downsample``.
+        ``{"prob_npy", "prob_png", "heatmap_tiff", "overlay_png", "tumor_geojson", "record_json", "prob_itk"}`` ->
+        Path (or None for a skipped overlay or ITK image), plus ``slide_score``, ``n_regions`` and
+        ``heatmap_downsample``.
 
     Raises:
         ValueError: a bad ``slide_id`` or any argument the individual writers reject.
@@ -793,6 +847,8 @@ def write_slide_outputs(
     if not slide_id or slide_id in (".", "..") or "/" in slide_id or os.sep in slide_id:
         raise ValueError(f"`slide_id` must be a plain file-name stem, got {slide_id!r}.")
     arr = _check_prob(prob)
+    if itk_format is not None and itk_format not in ITK_FORMATS:
+        raise ValueError(f"`itk_format` must be one of {ITK_FORMATS} or None, got {itk_format!r}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path | None] = {
@@ -802,9 +858,12 @@ def write_slide_outputs(
         "overlay_png": out / f"{slide_id}_overlay.png",
         "tumor_geojson": out / f"{slide_id}_tumor.geojson",
         "record_json": out / f"{slide_id}_record.json",
+        "prob_itk": out / f"{slide_id}_prob.{itk_format}" if itk_format else None,
     }
     write_prob_npy(paths["prob_npy"], arr)
     write_prob_png(paths["prob_png"], arr)
+    if paths["prob_itk"] is not None:
+        write_prob_itk(paths["prob_itk"], arr, cell_size, mpp=mpp)
     info = write_heatmap_tiff(paths["heatmap_tiff"], arr, cell_size, slide_size, mpp=mpp)
     if thumbnail is None:
         paths["overlay_png"] = None

@@ -102,7 +102,7 @@ def test_exported_models_give_the_eager_heatmap(exported, tmp_path):
     torch.set_num_threads(2)
     models = load_exported_models(exported["models"])
     out_ts = tmp_path / "ts"
-    summary = run_exported_inference(exported["slides"], out_ts, models, device="cpu")
+    summary = run_exported_inference(exported["slides"], out_ts, models, device="cpu", itk_format="nrrd")
     assert list(summary["slides"]) == ["s1"] and not summary["failed"]
 
     torch.manual_seed(1)  # different initial weights: the checkpoints must be what counts
@@ -123,6 +123,12 @@ def test_exported_models_give_the_eager_heatmap(exported, tmp_path):
     assert all(len(w["sha256"]) == 64 for w in record["weights"].values())
     for suffix in ("_heatmap.tif", "_overlay.png", "_tumor.geojson"):
         assert (out_ts / "s1" / f"s1{suffix}").is_file()
+    itk = pytest.importorskip("itk")  # the map as an ITK image: same values, spacing from the slide's mpp
+    image = itk.imread(str(out_ts / "s1" / "s1_prob.nrrd"))
+    np.testing.assert_array_equal(itk.array_from_image(image), got)
+    assert itk.spacing(image)[0] == pytest.approx(64 * record["mpp"] / 1000)
+    with pytest.raises(ConfigError, match="itk_format"):
+        run_exported_inference(exported["slides"], tmp_path / "bad", models, device="cpu", itk_format="png")
 
 
 def test_exported_inference_reports_a_bad_slide_and_goes_on(exported, tmp_path):

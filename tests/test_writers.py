@@ -20,6 +20,7 @@ from monai_wsi_ext.writers import (
     tumor_regions,
     write_heatmap_tiff,
     write_overlay_png,
+    write_prob_itk,
     write_prob_npy,
     write_prob_png,
     write_regions_geojson,
@@ -447,7 +448,45 @@ def test_write_slide_outputs(tmp_path):
     assert record["weights"]["unet"]["sha256"] == hashlib.sha256(b"abc").hexdigest()
     assert [r["n_cells"] for r in record["regions"]] == [6, 2]
     assert np.asarray(Image.open(res["overlay_png"])).shape == thumb.shape
+    assert res["prob_itk"] is None and record["outputs"]["prob_itk"] is None  # not asked for
     no_thumb = write_slide_outputs(tmp_path / "out2", "s", prob, CELL, (width, height), None, None, None)
     assert no_thumb["overlay_png"] is None and not (tmp_path / "out2" / "s_overlay.png").exists()
+    with_itk = write_slide_outputs(tmp_path / "out3", "s", prob, CELL, (width, height), MPP, None, None,
+                                   itk_format="nrrd")
+    assert with_itk["prob_itk"].name == "s_prob.nrrd" and with_itk["prob_itk"].is_file()
+    assert json.loads(with_itk["record_json"].read_text())["outputs"]["prob_itk"] == "s_prob.nrrd"
+    with pytest.raises(ValueError, match="itk_format"):
+        write_slide_outputs(tmp_path / "out4", "s", prob, CELL, (width, height), MPP, None, None, itk_format="png")
     with pytest.raises(ValueError, match="slide_id"):
         write_slide_outputs(tmp_path, "../evil", prob, CELL, (width, height), None, None, None)
+
+
+# -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["nrrd", "mha"])
+def test_itk_heatmap_physical_geometry(tmp_path, fmt):
+    """The ITK image holds the grid (NaN kept) with spacing = cell size in mm and each pixel at its cell's centre."""
+    itk = pytest.importorskip("itk")
+    prob = _grid()
+    path = write_prob_itk(tmp_path / f"s1.v2_prob.{fmt}", prob, CELL, mpp=MPP)  # a dot in the slide id
+    assert _leftovers(tmp_path) == [f"s1.v2_prob.{fmt}"]
+    image = itk.imread(str(path))
+    back = itk.array_from_image(image)
+    assert back.dtype == np.float32 and back.shape == prob.shape
+    np.testing.assert_array_equal(np.isnan(back), np.isnan(prob))
+    np.testing.assert_allclose(back[~np.isnan(prob)], prob[~np.isnan(prob)])
+    mm = CELL * MPP / 1000.0  # 0.064 mm per cell
+    np.testing.assert_allclose(np.asarray(itk.spacing(image)), [mm, mm], rtol=1e-6)
+    # ITK indexes (x, y) = (col, row): cell (row 5, col 6) (blob B, p = 0.95) sits at its centre on the slide
+    point = image.TransformIndexToPhysicalPoint([6, 5])
+    np.testing.assert_allclose([point[0], point[1]], [6.5 * mm, 5.5 * mm], rtol=1e-6)
+    assert back[5, 6] == pytest.approx(0.95)
+
+
+def test_itk_heatmap_without_mpp_and_bad_names(tmp_path):
+    itk = pytest.importorskip("itk")
+    image = itk.imread(str(write_prob_itk(tmp_path / "a_prob.mha", _grid(), CELL)))
+    np.testing.assert_allclose(np.asarray(itk.spacing(image)), [CELL, CELL])  # level-0 pixels without an mpp
+    np.testing.assert_allclose(np.asarray(itk.origin(image)), [CELL / 2, CELL / 2])
+    with pytest.raises(ValueError, match="must end in"):
+        write_prob_itk(tmp_path / "a_prob.png", _grid(), CELL)
+    assert _leftovers(tmp_path) == ["a_prob.mha"]

@@ -13,8 +13,9 @@ Run (``pip install -e ".[deploy]"``; the usual MONAI Deploy options and ``HOLOSC
 
 Options that are not paths come from environment variables: ``WSI_CANVAS_MODE`` (``canvas``/``classifier``),
 ``WSI_CANVAS_THRESHOLD`` (0.5), ``WSI_CANVAS_BATCH_SIZE`` (64), ``WSI_CANVAS_BACKEND`` (``auto``),
-``WSI_CANVAS_MPP`` (level-0 µm/px for slides without it), ``WSI_CANVAS_MODEL_SUFFIX`` (``""`` or ``_e2e``) and
-``WSI_CANVAS_DEVICE`` (``auto``).
+``WSI_CANVAS_MPP`` (level-0 µm/px for slides without it), ``WSI_CANVAS_MODEL_SUFFIX`` (``""`` or ``_e2e``),
+``WSI_CANVAS_DEVICE`` (``auto``) and ``WSI_CANVAS_ITK_FORMAT`` (``nrrd`` or ``mha``: also write each map as
+an ITK image with physical spacing; needs the ``itk`` extra).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def settings_from_env(environ=os.environ) -> dict:
         "mpp": float(mpp) if mpp else None,
         "suffix": environ.get("WSI_CANVAS_MODEL_SUFFIX"),
         "device": environ.get("WSI_CANVAS_DEVICE", "auto"),
+        "itk_format": environ.get("WSI_CANVAS_ITK_FORMAT") or None,
     }
 
 
@@ -98,7 +100,7 @@ class CanvasHeatmapOperator(Operator):
         summary = run_exported_inference(
             slides, self.output_folder, self.models, mode=s.get("mode"), threshold=s.get("threshold", 0.5),
             batch_size=s.get("batch_size", 64), backend=s.get("backend", "auto"), mpp=s.get("mpp"),
-            device=self.device,
+            device=self.device, itk_format=s.get("itk_format"),
         )
         op_output.emit(summary, "summary")
 

@@ -127,7 +127,7 @@ def list_slides(folder: str | os.PathLike) -> list[str]:
 def run_exported_inference(slides, output_dir: str | os.PathLike, models: ExportedModels, mode: str | None = None,
                            threshold: float = 0.5, batch_size: int = 64, backend: str = "auto",
                            mpp: float | None = None, device: str | torch.device = "cpu",
-                           prepare: dict | None = None) -> dict:
+                           prepare: dict | None = None, itk_format: str | None = None) -> dict:
     """Heatmaps for slides with exported models: :class:`~monai_wsi_ext.workflows.SlideInference` with the
     tiling, crop and canvas settings embedded in the models.
 
@@ -142,6 +142,7 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
         mpp: level-0 µm/px for slides whose files carry none (overrides the embedded ``mpp``).
         device: where the networks run.
         prepare: further :class:`~monai_wsi_ext.prepare.PrepareConfig` fields, over the embedded ones.
+        itk_format: also write each map as an ITK image with physical spacing (``nrrd`` or ``mha``).
 
     Returns:
         The inference summary (per-slide results and failures).
@@ -170,5 +171,6 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
         stain_normalize=bool(st.get("stain_normalize", False)),
         config={"models": models.files, "settings": st, "mode": mode, "threshold": threshold},
         weight_files={k: v for k, v in models.files.items() if mode == "canvas" or k == "encoder"},
+        itk_format=itk_format,
     )
     return inference.run()
