@@ -31,6 +31,7 @@ __all__ = [
     "SETTINGS_FILE",
     "SETTINGS_KEYS",
     "read_embedded_settings",
+    "load_exported",
 ]
 
 logger = logging.getLogger(__name__)
@@ -304,21 +305,27 @@ def _embed_settings(ts_file: Path, config_files: Sequence[str], meta_file: str, 
     torch.jit.save(module, str(ts_file), _extra_files=extra)
 
 
-def read_embedded_settings(ts_file: str | os.PathLike) -> dict:
-    """The settings :func:`export_network` embedded in a ``.ts`` file (``{}`` for files exported otherwise).
+def load_exported(ts_file: str | os.PathLike, map_location: str | torch.device = "cpu"
+                  ) -> tuple[torch.jit.ScriptModule, dict]:
+    """Load an exported ``.ts`` file once: the module (eval mode) and the settings :func:`export_network` embedded
+    in it (``{}`` for files exported otherwise).
 
     Raises:
         ConfigError: the file is not a TorchScript archive or its settings are not JSON.
     """
     extra = {SETTINGS_FILE: ""}
     try:
-        torch.jit.load(str(ts_file), map_location="cpu", _extra_files=extra)
+        module = torch.jit.load(str(ts_file), map_location=map_location, _extra_files=extra)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/ValueError for non-archives
         raise ConfigError(f"{ts_file}: not a TorchScript file ({type(e).__name__}: {e})") from None
     text = extra[SETTINGS_FILE]
-    if not text:
-        return {}
     try:
-        return json.loads(text)
+        settings = json.loads(text) if text else {}
     except json.JSONDecodeError as e:
         raise ConfigError(f"{ts_file}: embedded {SETTINGS_FILE} is not valid JSON ({e})") from None
+    return module.eval(), settings
+
+
+def read_embedded_settings(ts_file: str | os.PathLike) -> dict:
+    """The settings :func:`export_network` embedded in a ``.ts`` file (see :func:`load_exported`)."""
+    return load_exported(ts_file)[1]

@@ -18,6 +18,22 @@ SYNTHETIC_SETTINGS = {"width": 1536, "height": 1536, "patch_size": 64, "truth_do
 SYNTHETIC_PATCH = SYNTHETIC_SETTINGS["patch_size"]
 
 
+def make_bundle_dataset(root: Path, n_val: int = 1, n_test: int = 1) -> dict:
+    """A tiny generated dataset (two training slides, 1024 px, 64 px patches) prepared for the bundle configs,
+    and the config overrides that point the configs at it: ``{"root", "manifest", "overrides"}``."""
+    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.synthetic import generate_dataset
+
+    manifest = generate_dataset(root / "data", n_train=2, n_val=n_val, n_test=n_test, seed=3, width=1024,
+                                height=1024, patch_size=64, n_lumps=2)
+    summary = prepare_dataset(collect_inputs(manifest=manifest), root / "prepared",
+                              PrepareConfig(patch_size=64, thumbnail_max_size=512), progress=False)
+    assert not summary["failed"]
+    overrides = {"dataset_dir": str(root / "prepared"), "output_dir": str(root / "out"),
+                 "ckpt_dir": str(root / "models"), "canvas_size": 32, "num_workers": 0}
+    return {"root": root, "manifest": manifest, "overrides": overrides}
+
+
 @dataclass
 class SyntheticDataset:
     """The session's synthetic dataset.

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_bundle_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -39,18 +40,7 @@ def _workflow(config: str, workflow_type: str | None, **overrides):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
-    from monai_wsi_ext.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("bundle")
-    manifest = generate_dataset(root / "data", n_train=2, n_val=1, n_test=1, seed=3, width=1024, height=1024,
-                                patch_size=64, n_lumps=2)
-    summary = prepare_dataset(collect_inputs(manifest=manifest), root / "prepared",
-                              PrepareConfig(patch_size=64, thumbnail_max_size=512), progress=False)
-    assert not summary["failed"]
-    overrides = {"dataset_dir": str(root / "prepared"), "output_dir": str(root / "out"),
-                 "ckpt_dir": str(root / "models"), "canvas_size": 32, "num_workers": 0}
-    return {"root": root, "manifest": manifest, "overrides": overrides}
+    return make_bundle_dataset(tmp_path_factory.mktemp("bundle"))
 
 
 def test_train_encoder_config(tiny):

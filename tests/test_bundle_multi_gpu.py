@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_bundle_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -32,18 +33,7 @@ CANVAS = ("train_canvas.json", "multi_gpu_train_canvas.json", "unet.pt")
 def tiny(tmp_path_factory):
     """Two training and two validation slides (at least one validation canvas per rank), prepared with 64 px
     patches."""
-    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
-    from monai_wsi_ext.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("bundle_multi_gpu")
-    manifest = generate_dataset(root / "data", n_train=2, n_val=2, n_test=0, seed=3, width=1024, height=1024,
-                                patch_size=64, n_lumps=2)
-    summary = prepare_dataset(collect_inputs(manifest=manifest), root / "prepared",
-                              PrepareConfig(patch_size=64, thumbnail_max_size=512), progress=False)
-    assert not summary["failed"]
-    overrides = {"dataset_dir": str(root / "prepared"), "output_dir": str(root / "out"),
-                 "ckpt_dir": str(root / "models"), "canvas_size": 32, "num_workers": 0}
-    return {"root": root, "manifest": manifest, "overrides": overrides}
+    return make_bundle_dataset(tmp_path_factory.mktemp("bundle_multi_gpu"), n_val=2, n_test=0)
 
 
 def _parser(kind, rank: int | None = None, **overrides):

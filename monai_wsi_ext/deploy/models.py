@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from monai_wsi_ext.bundle_utils import read_embedded_settings
+from monai_wsi_ext.bundle_utils import load_exported
 from monai_wsi_ext.errors import ConfigError
 
 __all__ = ["ExportedModels", "find_model_files", "list_slides", "load_exported_models", "run_exported_inference"]
@@ -95,14 +95,14 @@ def load_exported_models(model_path: str | os.PathLike, device: str | torch.devi
     """
     files = find_model_files(model_path, suffix)
     settings: dict[str, Any] = {}
+    nets = {}
     for name, path in files.items():
-        got = read_embedded_settings(path)
+        nets[name], got = load_exported(path, device)
         clash = {k: (settings[k], got[k]) for k in _SHARED if k in settings and k in got and settings[k] != got[k]}
         if clash:
             raise ConfigError(f"{path}: exported with settings that differ from the encoder's: {clash}; export both "
                               "networks from the same training run and overlays.")
         settings.update(got)
-    nets = {name: torch.jit.load(str(path), map_location=device).eval() for name, path in files.items()}
     logger.info("models from %s: %s; settings %s", model_path, {k: str(v) for k, v in files.items()}, settings)
     return ExportedModels(nets["encoder"], nets.get("unet"), {k: str(v) for k, v in files.items()}, settings)
 
