@@ -5,7 +5,7 @@ Whole-slide reading with backend fallback (``wsi``), tissue detection (``tissue`
 (``networks``, ``canvas``), separate and surrogate-loss end-to-end training (``engines``, ``workflows``), heatmap
 writers (``writers``), metrics and evaluation (``metrics``, ``evaluation``, ``baselines``).
 
-Modules are imported on demand (``import monai_wsi_ext.canvas``) so that this package imports without torch-heavy
+Modules are imported on demand (``import monai_wsi_ext.model.canvas``) so that this package imports without torch-heavy
 work; bundle configs name classes by dotted path.
 """
 

@@ -3,14 +3,14 @@
 For each number of patches N, two measurements run, each in its own subprocess so that its peak resident memory
 (``getrusage(RUSAGE_SELF).ru_maxrss``, plus ``torch.cuda.max_memory_allocated`` on CUDA) is its own:
 
-* ``e2e``: :func:`monai_wsi_ext.engines.e2e_step` with a :class:`~monai_wsi_ext.data.SlidePatchSource` whose
+* ``e2e``: :func:`monai_wsi_ext.engines.e2e.e2e_step` with a :class:`~monai_wsi_ext.data.patches.SlidePatchSource` whose
   ``load(indices, seeds)`` re-reads the patches from the slide in both passes (replaying the augmentation from the
   seeds), ``chunk_size`` patches at a time;
 * ``naive``: all N patches loaded into memory, the encoder run over all of them with gradients (in chunks, but the
   graph of all N kept), scattered onto the canvas, the U-Net, the loss, one ``backward()``.
 
-Both use a real GoogLeNet :class:`~monai_wsi_ext.networks.PatchEncoder` (eval mode, as the end-to-end step requires)
-and the MONAI UNet of :func:`~monai_wsi_ext.networks.make_unet`, the same initial weights, the same pixels and
+Both use a real GoogLeNet :class:`~monai_wsi_ext.model.networks.PatchEncoder` (eval mode, as the end-to-end step requires)
+and the MONAI UNet of :func:`~monai_wsi_ext.model.networks.make_unet`, the same initial weights, the same pixels and
 augmentation seeds; their losses and gradient norms are reported so that one can check both computed the same thing.
 The N patches are laid out row by row on a square canvas of side ``ceil(sqrt(N))`` rounded up to a multiple of 16.
 They are the first N tissue cells of one generated slide; when the slide has fewer cells they repeat (the table says
@@ -52,7 +52,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from monai_wsi_ext.bench_utils import passive_omp_policy  # noqa: E402 - no torch import behind it
+from monai_wsi_ext.testing.bench import passive_omp_policy  # noqa: E402 - no torch import behind it
 
 OMP_POLICY = passive_omp_policy()  # before torch loads its OpenMP runtime; see the docstring
 
@@ -63,8 +63,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-from monai_wsi_ext.io_utils import write_json_atomic  # noqa: E402
-from monai_wsi_ext.bench_utils import cached_synthetic_slide, replace_section  # noqa: E402
+from monai_wsi_ext.io.atomic import write_json_atomic  # noqa: E402
+from monai_wsi_ext.testing.bench import cached_synthetic_slide, replace_section  # noqa: E402
 
 __all__ = ["MARKER", "CountingLoader", "measure", "child", "run_child", "benchmark", "table", "summary_lines",
            "markdown", "replace_section", "run"]
@@ -114,7 +114,7 @@ class CountingLoader:
     """``load(indices, seeds)`` over a virtual table of N patches mapped onto slide cells, counting what it reads.
 
     Args:
-        source: the slide's :class:`~monai_wsi_ext.data.SlidePatchSource`.
+        source: the slide's :class:`~monai_wsi_ext.data.patches.SlidePatchSource`.
         cells: (N,) slide cell of each virtual patch.
         read_size: patch side read from the slide (pixels), for the decoded-bytes count.
     """
@@ -147,8 +147,8 @@ def _naive_step(encoder, unet, loader, n, labels, layouts, loss_fn, seeds, chunk
     """Ordinary back-propagation through the whole graph: every patch in memory, every activation kept."""
     import torch
 
-    from monai_wsi_ext.canvas import layout_label_canvas, scatter_to_canvas
-    from monai_wsi_ext.engines import freeze_batchnorm
+    from monai_wsi_ext.model.canvas import layout_label_canvas, scatter_to_canvas
+    from monai_wsi_ext.model.predict import eval_mode
 
     t0 = time.perf_counter()
     first = loader(torch.arange(min(chunk_size, n)), seeds[: min(chunk_size, n)])
@@ -159,7 +159,7 @@ def _naive_step(encoder, unet, loader, n, labels, layouts, loss_fn, seeds, chunk
         pixels[idx] = loader(idx, seeds[idx])
     progress["loaded"] = n
     load_s = time.perf_counter() - t0
-    with freeze_batchnorm(encoder):
+    with eval_mode(encoder):
         feats = []
         for start in range(0, n, chunk_size):
             feats.append(encoder.features(pixels[start:start + chunk_size].to(dev)))  # graph of every chunk kept
@@ -205,7 +205,7 @@ def measure(spec: dict) -> dict:
         spec: ``mode`` (``idle``, ``e2e`` or ``naive``), ``n`` (patches), ``prepared_dir`` (a ``prepare_dataset``
             output holding one slide), ``crop_size`` (None or the random crop), ``chunk_size``, ``threads``,
             ``device``, ``seed``, ``channels_last``, ``cap_bytes`` (None: no ``RLIMIT_AS``), ``backend``,
-            ``heap_trim`` (False replaces ``monai_wsi_ext.data._release_free_heap`` by a no-op, for comparison).
+            ``heap_trim`` (False replaces ``monai_wsi_ext.data.patches._release_free_heap`` by a no-op, for comparison).
 
     Returns:
         dict with ``mode``, ``n``, ``status`` (``ok`` or ``oom``), ``setup_peak_rss`` and ``peak_rss`` (bytes),
@@ -216,13 +216,13 @@ def measure(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 2)))
-    from monai_wsi_ext.canvas import plan_canvases
-    from monai_wsi_ext.data import SlidePatchSource, load_prepared_slides, make_patch_transform
-    from monai_wsi_ext.engines import draw_seeds, e2e_step
-    from monai_wsi_ext.networks import PatchEncoder, canvas_loss, make_unet
+    from monai_wsi_ext.model.canvas import plan_canvases
+    from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+    from monai_wsi_ext.engines.e2e import draw_seeds, e2e_step
+    from monai_wsi_ext.model.networks import PatchEncoder, canvas_loss, make_unet
 
     if not spec.get("heap_trim", True):  # A/B run: the reader path without its heap trim (see data.py)
-        import monai_wsi_ext.data as data_module
+        import monai_wsi_ext.data.patches as data_module
 
         data_module._release_free_heap = lambda: None
     mode, n = spec["mode"], int(spec["n"])
@@ -392,7 +392,7 @@ def run_child(spec: dict, work_dir: Path, cap_bytes: int | None, timeout_s: floa
 
 
 def _prepare(slide: Path, work_dir: Path, patch_size: int, backend: str) -> Path:
-    from monai_wsi_ext.prepare import PrepareConfig, SlideInput, prepare_dataset
+    from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, prepare_dataset
 
     out = work_dir / f"prepared_{slide.stem}_p{patch_size}"
     summary = prepare_dataset([SlideInput(str(slide), annotation=str(slide.with_suffix(".xml")), slide_id="bench")],
@@ -456,7 +456,7 @@ def benchmark(quick: bool = False, sizes: Sequence[int] = (1000, 4000, 16000), p
             group["rows"].append(row)
         res["groups"].append(group)
     try:
-        from monai_wsi_ext.data import load_prepared_slides
+        from monai_wsi_ext.data.patches import load_prepared_slides
 
         res["slide_cells"] = {g["read_size"]: len(load_prepared_slides(_prepare(slide, work, g["read_size"],
                                                                                 backend))[0]["grid"])
@@ -578,7 +578,7 @@ def markdown(res: dict, command: str) -> str:
     if res["quick"]:
         out += ["", "**Quick smoke run (tiny sizes): the numbers say nothing about memory or speed.**"]
     if not res.get("heap_trim", True):
-        out += ["", "**Comparison run with `--heap_trim False`: `monai_wsi_ext.data._release_free_heap` (the "
+        out += ["", "**Comparison run with `--heap_trim False`: `monai_wsi_ext.data.patches._release_free_heap` (the "
                 "`malloc_trim(0)` before each `SlidePatchSource.read_raw`) replaced by a no-op in every child.**"]
     if res.get("inprocess"):
         out += ["", "**Measured in one process (no subprocesses, no memory cap): peak RSS is cumulative over the "

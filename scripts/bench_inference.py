@@ -6,7 +6,7 @@ Two measurements, both printed as Markdown tables (and written to ``BENCHMARKS.m
     combination of memory format (NCHW, channels_last), batch size and grad mode (``torch.no_grad``,
     ``torch.inference_mode``), each relative to the NCHW / no_grad / largest-batch cell of the same backbone.
 (b) slide inference: a generated slide is prepared (tissue + patch grid, not timed), then
-    :class:`monai_wsi_ext.workflows.SlideInference` is timed over it (patch reading with the prefetch thread,
+    :class:`monai_wsi_ext.inference.slides.SlideInference` is timed over it (patch reading with the prefetch thread,
     the encoder, the canvas U-Net, all output files), against "encoder-only compute": the same encoder forward over
     the same number of patches already in memory (same batch size, channels_last, inference_mode). Also timed:
     reading + transforming the patches alone (``SlidePatchSource.iter_batches`` without the encoder), to see how much
@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from monai_wsi_ext.bench_utils import passive_omp_policy  # noqa: E402 - no torch import behind it
+from monai_wsi_ext.testing.bench import passive_omp_policy  # noqa: E402 - no torch import behind it
 
 OMP_POLICY = passive_omp_policy()  # before torch loads its OpenMP runtime; see the docstring
 
@@ -55,8 +55,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-from monai_wsi_ext.io_utils import write_json_atomic  # noqa: E402
-from monai_wsi_ext.bench_utils import cached_synthetic_slide, replace_section  # noqa: E402
+from monai_wsi_ext.io.atomic import write_json_atomic  # noqa: E402
+from monai_wsi_ext.testing.bench import cached_synthetic_slide, replace_section  # noqa: E402
 
 __all__ = [
     "MARKER",
@@ -127,7 +127,7 @@ def encoder_rates(
         One dict per cell: ``backbone``, ``format``, ``batch_size``, ``grad_mode``, ``patches``, ``seconds`` (best
         round), ``rate`` (patches/s) and ``rounds`` (patches/s of every round).
     """
-    from monai_wsi_ext.networks import PatchEncoder
+    from monai_wsi_ext.model.networks import PatchEncoder
 
     torch.manual_seed(0)
     encoder = PatchEncoder(backbone).eval()
@@ -242,10 +242,10 @@ def slide_benchmark(
         ``read_s``, per-slide ``slide_inner_s`` (as SlideInference reports it), every round, and ``ratio``
         (``slide_s / encoder_s``).
     """
-    from monai_wsi_ext.data import SlidePatchSource, load_prepared_slides, make_patch_transform
-    from monai_wsi_ext.networks import PatchEncoder, make_unet
-    from monai_wsi_ext.prepare import PrepareConfig, SlideInput, prepare_dataset
-    from monai_wsi_ext.workflows import SlideInference
+    from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+    from monai_wsi_ext.model.networks import PatchEncoder, make_unet
+    from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, prepare_dataset
+    from monai_wsi_ext.inference.slides import SlideInference
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,14 @@ BASELINE = "raw cuCIM batch"
 
 def update_markdown_section(path: str | os.PathLike, body: str) -> Path:
     """Replace this benchmark's marked section in ``path`` (appended, or the file created, when missing)."""
-    from monai_wsi_ext.bench_utils import replace_section
+    from monai_wsi_ext.testing.bench import replace_section
 
     return replace_section(path, "bench_io", f"{SECTION_TITLE}\n\n{body.strip()}")
 
 
 def _synthetic_slide(work_dir: Path, size: int, patch_size: int, seed: int) -> Path:
     """Generate (or reuse, when the same seed and settings were used) a ``size`` x ``size`` synthetic slide."""
-    from monai_wsi_ext.synthetic import generate_dataset
+    from monai_wsi_ext.testing.synthetic import generate_dataset
 
     root = work_dir / f"synthetic_{size}"
     start = time.perf_counter()
@@ -66,8 +66,8 @@ def _methods(path: str, locs: np.ndarray, patch: int, num_workers: int, batch_si
     """Name -> function reading every location once and returning the number of patches read."""
     from monai.utils import optional_import
 
-    from monai_wsi_ext.data import EvalTransform, SlidePatchSource
-    from monai_wsi_ext.wsi import open_slide
+    from monai_wsi_ext.data.patches import EvalTransform, SlidePatchSource
+    from monai_wsi_ext.io.wsi import open_slide
 
     cucim_image, has_cucim = optional_import("cucim", name="CuImage")
     openslide, has_openslide = optional_import("openslide")
@@ -207,9 +207,9 @@ def main(
     """
     logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from monai_wsi_ext.grid import read_patch_table
-    from monai_wsi_ext.prepare import PrepareConfig, SlideInput, prepare_slide
-    from monai_wsi_ext.wsi import open_slide
+    from monai_wsi_ext.prep.grid import read_patch_table
+    from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, prepare_slide
+    from monai_wsi_ext.io.wsi import open_slide
 
     work = Path(work_dir)
     path = Path(slide) if slide is not None else _synthetic_slide(work, int(size), int(patch_size), int(seed))
@@ -269,7 +269,7 @@ def main(
             f"the run {', '.join(f'{v:.1f}' for v in load) if load else 'n/a'} (above the core count: other jobs "
             "were running); no GPU (cuCIM decodes on the CPU)",
             f"- Slide: {path.name}, {geometry}, JPEG tiles"
-            + (" (synthetic, `monai_wsi_ext.synthetic`)" if slide is None else ""),
+            + (" (synthetic, `monai_wsi_ext.testing.synthetic`)" if slide is None else ""),
             f"- Patches: {len(locs)} tissue cells of {patch_size} x {patch_size} at level 0 (Otsu mask, >= 80 % "
             f"tissue), read in table order; {num_workers} decoder threads, batch {batch_size}",
             f"- Timing: OS cache warmed by one untimed pass, a short untimed warm-up per path, then {repeats} "

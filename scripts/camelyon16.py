@@ -10,7 +10,7 @@ Examples:
     python scripts/camelyon16.py standin --output_dir camelyon16_standin
 
 The stand-in cannot be a real Camelyon16 slide (those are 1e5 px wide and not redistributable here). It is a
-generated slide (``monai_wsi_ext.synthetic``) covering the bounding box of a real Camelyon16 annotation plus a
+generated slide (``monai_wsi_ext.testing.synthetic``) covering the bounding box of a real Camelyon16 annotation plus a
 margin, with the annotation translated into its frame (``scale=1``: same pixel and micron sizes as the original at
 0.243 µm/px; ``scale<1`` shrinks slide and annotation and raises the mpp by ``1/scale`` so that lesion sizes in
 microns, which the FROC's ITC rule uses, stay those of the original). The generator's own image content does not
@@ -74,8 +74,8 @@ def manifest(images: str, annotations: str | None = None, masks: str | None = No
     Returns:
         The manifest path.
     """
-    from monai_wsi_ext.annotations import write_asap_xml
-    from monai_wsi_ext.io_utils import write_json_atomic
+    from monai_wsi_ext.io.annotations import write_asap_xml
+    from monai_wsi_ext.io.atomic import write_json_atomic
 
     def index(folder: str | None) -> dict[str, Path]:
         return {p.name.lower(): p for p in Path(folder).iterdir() if p.is_file()} if folder else {}
@@ -116,11 +116,11 @@ def manifest(images: str, annotations: str | None = None, masks: str | None = No
 
 
 def _overlay_prepare_config(**overrides: Any):
-    """The :class:`~monai_wsi_ext.prepare.PrepareConfig` of the overlay's ``prepare`` section (with overrides of
+    """The :class:`~monai_wsi_ext.prep.prepare.PrepareConfig` of the overlay's ``prepare`` section (with overrides of
     top-level keys such as ``mpp`` or ``patch_size``)."""
     from monai.bundle import ConfigParser
 
-    from monai_wsi_ext.prepare import PrepareConfig
+    from monai_wsi_ext.prep.prepare import PrepareConfig
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "inference.json"), str(OVERLAY)])
@@ -139,7 +139,7 @@ def prepare(manifest: str = "camelyon16/manifest.json", output_dir: str | None =
         overwrite: redo slides already prepared.
         log_level: logging level.
     """
-    from monai_wsi_ext.prepare import collect_inputs, prepare_dataset
+    from monai_wsi_ext.prep.prepare import collect_inputs, prepare_dataset
 
     logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -166,7 +166,7 @@ def _write_mask_tiff(path: Path, tumor: np.ndarray, min_size: int = 256) -> Path
     """A Camelyon16-style mask TIFF (uint8, 255 = tumor), one page per pyramid level (2x steps)."""
     import tifffile
 
-    from monai_wsi_ext.io_utils import atomic_path
+    from monai_wsi_ext.io.atomic import atomic_path
 
     levels = [np.where(tumor, 255, 0).astype(np.uint8)]
     while min(levels[-1].shape) > min_size:
@@ -207,11 +207,11 @@ def standin(output_dir: str = "camelyon16_standin", annotation: str = str(SHARED
     """
     import torch
 
-    from monai_wsi_ext.annotations import AnnotationPolygon, read_annotations, rasterize_annotations, write_asap_xml
-    from monai_wsi_ext.baselines import frozen_encoder
-    from monai_wsi_ext.io_utils import write_json_atomic
-    from monai_wsi_ext.prepare import collect_inputs, prepare_dataset
-    from monai_wsi_ext.synthetic import SyntheticSlideConfig, generate_slide
+    from monai_wsi_ext.io.annotations import AnnotationPolygon, read_annotations, rasterize_annotations, write_asap_xml
+    from monai_wsi_ext.baselines.segmentation import frozen_encoder
+    from monai_wsi_ext.io.atomic import write_json_atomic
+    from monai_wsi_ext.prep.prepare import collect_inputs, prepare_dataset
+    from monai_wsi_ext.testing.synthetic import SyntheticSlideConfig, generate_slide
 
     logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -294,8 +294,8 @@ def standin(output_dir: str = "camelyon16_standin", annotation: str = str(SHARED
         results[truth] = json.loads((out / f"metrics_{truth}" / "metrics_overall.json").read_text())
     # 7. encoder throughput alone (reading + 224 px crops + GoogLeNet features), the number behind the runtime
     # estimate of a real slide in the docs
-    from monai_wsi_ext.data import SlidePatchSource, load_prepared_slides, make_patch_transform
-    from monai_wsi_ext.workflows import encode_slide
+    from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+    from monai_wsi_ext.model.predict import encode_slide
 
     meta = next(m for m in load_prepared_slides(out / "prepared") if m["slide_id"] == slide_id)
     source = SlidePatchSource.from_prepared(meta, make_patch_transform(False, parser.get_parsed_content("crop_size")))

@@ -34,7 +34,7 @@ def main(heatmap_dir: str, output_dir: str | None = None, truth: str | None = No
     """
     logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from monai_wsi_ext.evaluation import evaluate_heatmaps
+    from monai_wsi_ext.evaluation.report import evaluate_heatmaps
 
     result = evaluate_heatmaps(heatmap_dir, output_dir, truth=truth, threshold=threshold, mpp=mpp,
                                mask_downsample=mask_downsample, missing_truth=missing_truth,

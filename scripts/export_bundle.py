@@ -14,7 +14,7 @@ from pathlib import Path
 
 import fire
 
-from monai_wsi_ext.bundle_utils import NETWORKS, export_network, verify_bundle_metadata
+from monai_wsi_ext.export.bundle import NETWORKS, export_network, verify_bundle_metadata
 
 __all__ = ["main", "verify_metadata"]
 

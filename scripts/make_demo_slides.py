@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 import fire  # noqa: E402
 
-from monai_wsi_ext.synthetic import generate_dataset  # noqa: E402
+from monai_wsi_ext.testing.synthetic import generate_dataset  # noqa: E402
 
 __all__ = ["main"]
 

@@ -93,7 +93,7 @@ def main(
         print("error: give --slides (a folder, a file or a list of files) or --manifest", file=sys.stderr)
         sys.exit(2)
     # imported here so that --help and argument errors answer without loading torch and MONAI
-    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
 
     cfg = PrepareConfig(
         patch_size=int(patch_size), level=int(level), target_mpp=None if target_mpp is None else float(target_mpp),

@@ -31,7 +31,7 @@ def _bundle(config: str, **overrides) -> None:
 
 
 def _score(heatmap_dir: Path) -> dict:
-    from monai_wsi_ext.metrics import count_tumor_points, patch_metrics
+    from monai_wsi_ext.evaluation.metrics import count_tumor_points, patch_metrics
 
     probs, labels, points = [], [], 0
     for d in sorted(p for p in heatmap_dir.iterdir() if p.is_dir() and p.name != "prepared"):
@@ -67,8 +67,8 @@ def run(output_dir: str = "demo_output", n_train: int = 6, n_val: int = 2, n_tes
         encoder_lr: Adam learning rate of the encoder (the paper's 1e-4 needs more epochs than a demo has).
         backbone: ``googlenet`` or ``densenet121``.
     """
-    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
-    from monai_wsi_ext.synthetic import generate_dataset
+    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.testing.synthetic import generate_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = Path(output_dir).resolve()

@@ -73,7 +73,7 @@ def _choose_threads(threads: int | None) -> int:
 
 def _subset_prepared(prepared: Path, dest: Path, n_train: int) -> Path:
     """A prepared folder with the first ``n_train`` training slides and all validation slides (for end-to-end)."""
-    from monai_wsi_ext.data import load_prepared_slides
+    from monai_wsi_ext.data.patches import load_prepared_slides
 
     if dest.exists():
         shutil.rmtree(dest)
@@ -210,7 +210,7 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
         data_seed: seed of the slide generator.
         tumor_points: isolated tumor-looking spots with normal ground truth per slide.
         normal_looking_tumor_fraction: fraction of tumor cells rendered normal-looking.
-        generator: further :class:`monai_wsi_ext.synthetic.SyntheticSlideConfig` fields.
+        generator: further :class:`monai_wsi_ext.testing.synthetic.SyntheticSlideConfig` fields.
         encoder_epochs: patch-encoder epochs.
         canvas_epochs: canvas U-Net epochs (separate and frozen features).
         seg_epochs: segmentation-only U-Net epochs.
@@ -229,9 +229,9 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
     import numpy as np
     import torch
 
-    from monai_wsi_ext.evaluation import comparison_figure, markdown_table, summarize_runs
-    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
-    from monai_wsi_ext.synthetic import generate_dataset
+    from monai_wsi_ext.evaluation.report import comparison_figure, markdown_table, summarize_runs
+    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.testing.synthetic import generate_dataset
 
     logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -287,8 +287,8 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
                "summary": summary_rows, "per_seed": {str(k): v for k, v in per_seed.items()},
                "timings_s": timings, "total_s": round(total, 1), "table_md": str(root / "results.md"),
                "figure": str(fig)}
-    from monai_wsi_ext.evaluation import json_clean
-    from monai_wsi_ext.io_utils import write_json_atomic
+    from monai_wsi_ext.utils import json_clean
+    from monai_wsi_ext.io.atomic import write_json_atomic
 
     write_json_atomic(root / "results.json", json_clean(results))
     if figure:

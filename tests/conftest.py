@@ -21,8 +21,8 @@ SYNTHETIC_PATCH = SYNTHETIC_SETTINGS["patch_size"]
 def make_bundle_dataset(root: Path, n_val: int = 1, n_test: int = 1) -> dict:
     """A tiny generated dataset (two training slides, 1024 px, 64 px patches) prepared for the bundle configs,
     and the config overrides that point the configs at it: ``{"root", "manifest", "overrides"}``."""
-    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
-    from monai_wsi_ext.synthetic import generate_dataset
+    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.testing.synthetic import generate_dataset
 
     manifest = generate_dataset(root / "data", n_train=2, n_val=n_val, n_test=n_test, seed=3, width=1024,
                                 height=1024, patch_size=64, n_lumps=2)
@@ -66,7 +66,7 @@ def shared_data() -> Path:
 def synthetic_dataset(tmp_path_factory) -> SyntheticDataset:
     """Three 1536 x 1536 synthetic slides (two training, one validation) with ASAP annotations and truth masks
     at downsample 4, generated once per session (about 2 s)."""
-    from monai_wsi_ext.synthetic import generate_dataset
+    from monai_wsi_ext.testing.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     manifest = generate_dataset(root, n_train=2, n_val=1, n_test=0, seed=0, **SYNTHETIC_SETTINGS)
@@ -89,7 +89,7 @@ def prepared_dataset(synthetic_dataset, tmp_path_factory) -> tuple[Path, dict]:
 
     Read-only for tests: tests that rerun or break the preparation use their own output folder.
     """
-    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared")
     inputs = collect_inputs(manifest=synthetic_dataset.manifest)

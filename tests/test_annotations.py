@@ -13,7 +13,7 @@ import pytest
 from skimage.draw import polygon as sk_polygon
 from skimage.measure import points_in_poly
 
-from monai_wsi_ext.annotations import (
+from monai_wsi_ext.io.annotations import (
     AnnotationLabel,
     AnnotationPolygon,
     AnnotationWarning,

@@ -114,7 +114,7 @@ def test_inference_config_subprocess(tiny):
     tissue = labels > -2
     assert np.isfinite(prob[tissue]).all() and np.isnan(prob[~tissue]).all()
     # the model trained above on two small demo slides separates tumor from normal on the held-out slide
-    from monai_wsi_ext.metrics import patch_metrics
+    from monai_wsi_ext.evaluation.metrics import patch_metrics
 
     m = patch_metrics(prob[tissue], labels[tissue])
     assert m["n_tumor"] > 5 and m["n_normal"] > 30

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from parameterized import parameterized
 
-from monai_wsi_ext.bundle_utils import (
+from monai_wsi_ext.export.bundle import (
     SCHEMA_FILE,
     bundle_config_files,
     check_exported,
@@ -25,7 +25,7 @@ from monai_wsi_ext.bundle_utils import (
     verify_bundle_metadata,
 )
 from monai_wsi_ext.errors import ConfigError
-from monai_wsi_ext.networks import PatchEncoder
+from monai_wsi_ext.model.networks import PatchEncoder
 
 torch.set_num_threads(2)
 

@@ -81,7 +81,7 @@ def test_overlay_mirrors_single_process_config(kind):
 
 
 def test_encoder_samplers_split_ranks_and_keep_balance(tiny):
-    from monai_wsi_ext.data import load_datalist
+    from monai_wsi_ext.data.patches import load_datalist
 
     o = tiny["overrides"]
     # keep one tumor patch in four: about 1 in 5 patches is tumor, so that balancing has something to do
@@ -141,7 +141,7 @@ def _run(kind, tiny, tmp_path, **overrides) -> tuple[subprocess.CompletedProcess
 
 
 def _check_run(rec: Path, ckpt_dir: Path, name: str, fresh_net: torch.nn.Module, log_dir: Path) -> None:
-    from monai_wsi_ext.networks import read_state_dict
+    from monai_wsi_ext.model.networks import read_state_dict
 
     # one checkpoint, written once, holding the inner module's weights (no "module." prefix)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [name]

@@ -7,7 +7,7 @@ import unittest
 import torch
 from parameterized import parameterized
 
-from monai_wsi_ext.canvas import (
+from monai_wsi_ext.model.canvas import (
     IGNORE_INDEX,
     CanvasLayout,
     canvas_forward,

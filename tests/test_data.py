@@ -1,4 +1,4 @@
-"""Patch transforms, datasets, the balanced sampler and per-slide patch sources (monai_wsi_ext.data)."""
+"""Patch transforms, datasets, the balanced sampler and per-slide patch sources (monai_wsi_ext.data.patches)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from monai_wsi_ext.data import (
+from monai_wsi_ext.data.patches import (
     EvalTransform,
     PaperAugment,
     PatchDataset,

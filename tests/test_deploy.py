@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from monai_wsi_ext.bundle_utils import export_network
+from monai_wsi_ext.export.bundle import export_network
 from monai_wsi_ext.deploy import find_model_files, list_slides, load_exported_models, run_exported_inference
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
-from monai_wsi_ext.networks import PatchEncoder
+from monai_wsi_ext.model.networks import PatchEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -37,7 +37,7 @@ def _unet():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Random-weight checkpoints exported with the demo's tiling, plus one slide to run them on."""
-    from monai_wsi_ext.synthetic import generate_dataset
+    from monai_wsi_ext.testing.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("deploy")
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def test_load_exported_models_reads_embedded_settings(exported, tmp_path):
 def test_exported_models_give_the_eager_heatmap(exported, tmp_path):
     """TorchScript models with their embedded settings give the same probabilities as the bundle's eager path
     (the same checkpoints through ``SlideInference`` with the settings passed by hand)."""
-    from monai_wsi_ext.workflows import SlideInference
+    from monai_wsi_ext.inference.slides import SlideInference
 
     torch.set_num_threads(2)
     models = load_exported_models(exported["models"])

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import unittest
 
+import numpy as np
 import torch
 from parameterized import parameterized
 from torch import nn
 
 from monai.engines.utils import IterationEvents
 from monai.networks.nets import UNet
-from monai_wsi_ext.canvas import IGNORE_INDEX, plan_canvases, sample_window, scatter_to_canvas, layout_label_canvas
-from monai_wsi_ext.engines import (
+from monai_wsi_ext.model.canvas import IGNORE_INDEX, plan_canvases, sample_window, scatter_to_canvas, layout_label_canvas
+from monai_wsi_ext.model.predict import canvas_probabilities, encode_batches, eval_mode
+from monai_wsi_ext.engines.e2e import (
     NonFiniteLossError,
     SurrogateE2ETrainer,
     draw_seeds,
     e2e_step,
-    freeze_batchnorm,
-    predict_patch_probabilities,
     slide_collate,
 )
 
@@ -97,7 +97,7 @@ def _reference_grads(encoder, unet, source, seeds, labels, layouts, loss_fn, det
     encoder.zero_grad(set_to_none=True)
     unet.zero_grad(set_to_none=True)
     used = torch.unique(torch.cat([lay.indices for lay in layouts]))
-    with freeze_batchnorm(encoder):
+    with eval_mode(encoder):
         x = encoder.features(torch.stack([source.augment(int(i), int(seeds[i])) for i in used]))
         if detach_outside is not None:
             keep = torch.isin(used, detach_outside)[:, None]
@@ -291,7 +291,7 @@ class TestE2EExactness(unittest.TestCase):
 class TestE2ERealBackbones(unittest.TestCase):
     @parameterized.expand([("googlenet",), ("densenet121",)])
     def test_float32_exactness(self, backbone):
-        from monai_wsi_ext.networks import PatchEncoder
+        from monai_wsi_ext.model.networks import PatchEncoder
 
         torch.manual_seed(0)
         n = 6
@@ -461,18 +461,27 @@ class TestTrainer(unittest.TestCase):
         state = next(iter(trainer.unet_optimizer.state.values()))
         self.assertEqual(int(state["step"]), 2)  # after slide 2, and at the end of the epoch (slide 3)
 
-    def test_predict_patch_probabilities(self):
+    def test_inference_path(self):
+        """The production path (encode in eval mode, canvas U-Net with a sliding window over a grid larger than
+        the canvas) gives per-patch probabilities that sum to one and leaves both networks' modes as they were."""
         n = 30
         slide = _slide(n, 12, 14, seed=4)
         torch.manual_seed(0)
         encoder, unet = TinyEncoder(4), _tiny_unet(4, torch.float32)
-        probs = predict_patch_probabilities(
-            encoder, unet, slide["patch_source"].load, slide["rows"], slide["cols"], canvas_size=8, chunk_size=7
-        )
-        self.assertEqual(tuple(probs.shape), (n, 2))
-        torch.testing.assert_close(probs.sum(1), torch.ones(n))
+        src = slide["patch_source"]
+        with eval_mode(encoder):
+            chunks = [torch.arange(s, min(s + 7, n)) for s in range(0, n, 7)]
+            x, _ = encode_batches(encoder, (src.load(i, torch.zeros_like(i)) for i in chunks))
+        probs = canvas_probabilities(unet, x, slide["rows"], slide["cols"], canvas_size=8, class_index=None)
+        self.assertEqual(probs.shape, (n, 2))
+        np.testing.assert_allclose(probs.sum(1), np.ones(n), rtol=1e-5)
         self.assertTrue(unet.training and encoder.training)
+        # the same features straight from encode_patches (the end-to-end step's first pass)
+        from monai_wsi_ext.engines.e2e import encode_patches
 
+        with eval_mode(encoder):
+            x2 = encode_patches(encoder, src.load, torch.arange(n), torch.zeros(n, dtype=torch.long), chunk_size=7)
+        torch.testing.assert_close(x, x2)
 
 if __name__ == "__main__":
     unittest.main()

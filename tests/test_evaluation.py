@@ -1,4 +1,4 @@
-"""Tests of monai_wsi_ext.evaluation and bundle/configs/evaluate.json on hand-made heatmap folders with known
+"""Tests of monai_wsi_ext.evaluation.report and bundle/configs/evaluate.json on hand-made heatmap folders with known
 metrics."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from monai_wsi_ext import metrics as M
+from monai_wsi_ext.evaluation import metrics as M
 from monai_wsi_ext.errors import MonaiWsiExtError
-from monai_wsi_ext.evaluation import (
+from monai_wsi_ext.evaluation.report import (
     comparison_figure,
     evaluate_heatmaps,
     find_truth,
@@ -174,7 +174,7 @@ def test_truth_masks_froc_and_missing_truth(heatmaps, tmp_path):
 def test_truth_from_xml_and_mask_tiff_agree(tmp_path):
     import tifffile
 
-    from monai_wsi_ext.annotations import AnnotationLabel, AnnotationPolygon, rasterize_annotations, write_asap_xml
+    from monai_wsi_ext.io.annotations import AnnotationLabel, AnnotationPolygon, rasterize_annotations, write_asap_xml
 
     square = AnnotationPolygon(exterior=np.array([[256, 256], [1280, 256], [1280, 1024], [256, 1024]], float),
                                label=AnnotationLabel.TUMOR, group="_0")

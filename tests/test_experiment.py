@@ -21,8 +21,8 @@ SHARED_ANNOTATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "a
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from monai_wsi_ext.prepare import PrepareConfig, collect_inputs, prepare_dataset
-    from monai_wsi_ext.synthetic import generate_dataset
+    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.testing.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("experiment")
     manifest = generate_dataset(root / "data", n_train=2, n_val=1, n_test=1, seed=5, width=768, height=768,
@@ -44,9 +44,9 @@ def _workflow(configs: list[str], **overrides):
 
 
 def test_grid_image_labels_and_cell_means(tiny):
-    from monai_wsi_ext.baselines import SlideImageDataset, cell_means, label_image, pixels_per_cell
-    from monai_wsi_ext.canvas import IGNORE_INDEX
-    from monai_wsi_ext.data import load_prepared_slides
+    from monai_wsi_ext.baselines.segmentation import SlideImageDataset, cell_means, label_image, pixels_per_cell
+    from monai_wsi_ext.model.canvas import IGNORE_INDEX
+    from monai_wsi_ext.data.patches import load_prepared_slides
     from monai_wsi_ext.errors import ConfigError
 
     assert pixels_per_cell(64, 8) == 8 and pixels_per_cell(256, 8) == 32
@@ -83,7 +83,7 @@ def test_segmentation_baseline_config_trains_and_writes_prob_grids(tiny):
     heat = out / "heatmaps_segmentation"
     summary = json.loads((heat / "inference_summary.json").read_text())
     assert summary["failed"] == {} and list(summary["slides"]) == ["test_000"]
-    from monai_wsi_ext.data import load_prepared_slides
+    from monai_wsi_ext.data.patches import load_prepared_slides
 
     meta = load_prepared_slides(tiny / "prepared", "test")[0]
     prob = np.load(heat / "test_000" / "test_000_prob.npy")
@@ -93,16 +93,17 @@ def test_segmentation_baseline_config_trains_and_writes_prob_grids(tiny):
     assert np.isfinite(prob[on_grid]).all() and np.isnan(prob[~on_grid]).all()
     assert ((prob[on_grid] >= 0) & (prob[on_grid] <= 1)).all()
     # the same evaluation as every other method
-    from monai_wsi_ext.evaluation import evaluate_heatmaps
+    from monai_wsi_ext.evaluation.report import evaluate_heatmaps
 
     overall = evaluate_heatmaps(heat, write=False)["overall"]
     assert overall["pooled_n"] == int((labels >= 0).sum())
 
 
 def test_frozen_encoder_is_seeded_and_extraction_uses_it(tiny):
-    from monai_wsi_ext.baselines import frozen_encoder
-    from monai_wsi_ext.data import SlidePatchSource, load_prepared_slides, make_patch_transform
-    from monai_wsi_ext.workflows import encode_slide, load_feature_file
+    from monai_wsi_ext.baselines.segmentation import frozen_encoder
+    from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+    from monai_wsi_ext.model.predict import encode_slide
+    from monai_wsi_ext.data.features import load_feature_file
 
     torch.set_num_threads(1)
     a = frozen_encoder(3, backbone="googlenet", feature_dim=4)
@@ -169,7 +170,7 @@ def test_camelyon16_manifest_splits_and_negatives(tmp_path):
     recs = {r["id"]: r for r in data["slides"]}
     assert recs["Tumor_001"]["annotation"].endswith("tumor_001.xml") and not recs["Tumor_001"]["negative"]
     assert recs["Test_002"]["negative"] and recs["Normal_003"]["negative"]
-    from monai_wsi_ext.annotations import read_annotations
+    from monai_wsi_ext.io.annotations import read_annotations
 
     assert read_annotations(recs["Normal_003"]["annotation"]) == []  # an empty ASAP file: all tissue normal
 

@@ -1,4 +1,4 @@
-"""Tests of monai_wsi_ext.metrics: hand-computed values on small arrays, scikit-learn where it overlaps."""
+"""Tests of monai_wsi_ext.evaluation.metrics: hand-computed values on small arrays, scikit-learn where it overlaps."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from parameterized import parameterized
 from sklearn.metrics import accuracy_score, average_precision_score, cohen_kappa_score, roc_auc_score
 
-from monai_wsi_ext.metrics import (
+from monai_wsi_ext.evaluation.metrics import (
     LABEL_BACKGROUND,
     LABEL_NOLABEL,
     LABEL_NORMAL,
@@ -35,7 +35,7 @@ from monai_wsi_ext.metrics import (
     summarize,
 )
 
-LOGGER = "monai_wsi_ext.metrics"
+LOGGER = "monai_wsi_ext.evaluation.metrics"
 
 
 class TestPatchMetrics(unittest.TestCase):

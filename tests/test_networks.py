@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from parameterized import parameterized
 
-from monai_wsi_ext.canvas import IGNORE_INDEX
+from monai_wsi_ext.model.canvas import IGNORE_INDEX
 from monai_wsi_ext.errors import ConfigError
-from monai_wsi_ext.networks import (
+from monai_wsi_ext.model.networks import (
     PatchEncoder,
     canvas_loss,
     load_encoder_checkpoint,
@@ -71,7 +71,7 @@ class TestPretrained(unittest.TestCase):
         del sd["inception5b.branch1.conv.weight"]  # missing
         path = self.dir / "googlenet.pth"
         torch.save({"state_dict": sd}, path)
-        with self.assertLogs("monai_wsi_ext.networks", level="WARNING") as logs:
+        with self.assertLogs("monai_wsi_ext.model.networks", level="WARNING") as logs:
             enc = PatchEncoder("googlenet", pretrained_path=str(path))
         text = "\n".join(logs.output)
         self.assertIn("inception5b.branch1.conv.weight", text)
@@ -89,7 +89,7 @@ class TestPretrained(unittest.TestCase):
         sd["features.conv0.weight"] = torch.zeros(8, 3, 3, 3)  # wrong shape: skipped with a log line
         path = self.dir / "densenet.pt"
         torch.save(sd, path)
-        with self.assertLogs("monai_wsi_ext.networks", level="WARNING") as logs:
+        with self.assertLogs("monai_wsi_ext.model.networks", level="WARNING") as logs:
             enc = PatchEncoder("densenet121", pretrained_path=path)
         text = "\n".join(logs.output)
         self.assertIn("skipping features.conv0.weight", text)

@@ -1,4 +1,4 @@
-"""Tests of dataset preparation (monai_wsi_ext.prepare and scripts/prepare_dataset.py): outputs, the MONAI datalist,
+"""Tests of dataset preparation (monai_wsi_ext.prep.prepare and scripts/prepare_dataset.py): outputs, the MONAI datalist,
 failure isolation, reruns, atomic writes, and labels from real Camelyon16 polygons on a stand-in slide."""
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monai_wsi_ext.annotations import (
+from monai_wsi_ext.io.annotations import (
     AnnotationLabel,
     AnnotationPolygon,
     rasterize_annotations,
     read_annotations,
     write_asap_xml,
 )
-from monai_wsi_ext.grid import PatchLabel, read_patch_table
-from monai_wsi_ext.prepare import PrepareConfig, SlideInput, collect_inputs, prepare_dataset, prepare_slide
-from monai_wsi_ext.tissue import load_mask_png
-from monai_wsi_ext.wsi import open_slide
+from monai_wsi_ext.prep.grid import PatchLabel, read_patch_table
+from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, collect_inputs, prepare_dataset, prepare_slide
+from monai_wsi_ext.prep.tissue import load_mask_png
+from monai_wsi_ext.io.wsi import open_slide
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "prepare_dataset.py"
@@ -274,7 +274,7 @@ def test_pyramidal_label_mask_is_read_at_the_grid_level(synthetic_dataset, prepa
     with ``label_cells_px`` pixels per cell, never at level 0, and labels the grid like the ASAP XML."""
     import tifffile
 
-    from monai_wsi_ext import annotations as ann
+    from monai_wsi_ext.io import annotations as ann
 
     rec = synthetic_dataset.records[0]
     with open_slide(rec["image"]) as slide:

@@ -1,4 +1,4 @@
-"""Tests of the synthetic H&E-like slide generator (monai_wsi_ext.synthetic)."""
+"""Tests of the synthetic H&E-like slide generator (monai_wsi_ext.testing.synthetic)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from monai.utils import optional_import
 from parameterized import parameterized
 
 from monai_wsi_ext.errors import ConfigError
-from monai_wsi_ext.synthetic import (
+from monai_wsi_ext.testing.synthetic import (
     SyntheticSlideConfig,
     _noise_grid,
     _noise_points,
@@ -350,7 +350,7 @@ class TestSyntheticMemory(unittest.TestCase):
             import sys, tempfile, tracemalloc
             from pathlib import Path
             import scipy.ndimage, tifffile, imagecodecs  # imports are not the generator's memory
-            from monai_wsi_ext.synthetic import SyntheticSlideConfig, generate_slide
+            from monai_wsi_ext.testing.synthetic import SyntheticSlideConfig, generate_slide
             with tempfile.TemporaryDirectory() as tmp:
                 tracemalloc.start()
                 generate_slide(Path(tmp) / "big.tif", 1, SyntheticSlideConfig(width=4096, height=4096))

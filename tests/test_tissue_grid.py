@@ -1,4 +1,4 @@
-"""Tests of tissue detection (monai_wsi_ext.tissue) and the patch grid and its labels (monai_wsi_ext.grid), against
+"""Tests of tissue detection (monai_wsi_ext.prep.tissue) and the patch grid and its labels (monai_wsi_ext.prep.grid), against
 the synthetic generator's ground truth, hand-made masks and the real slides."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monai_wsi_ext.grid import (
+from monai_wsi_ext.prep.grid import (
     PatchGrid,
     PatchLabel,
     cell_fractions,
@@ -18,9 +18,9 @@ from monai_wsi_ext.grid import (
     read_patch_table,
     write_patch_table,
 )
-from monai_wsi_ext.prepare import PrepareConfig, SlideInput, prepare_slide
-from monai_wsi_ext.tissue import TissueMask, detect_tissue, load_mask_png, save_mask_png, tissue_mask_from_image
-from monai_wsi_ext.wsi import open_slide
+from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, prepare_slide
+from monai_wsi_ext.prep.tissue import TissueMask, detect_tissue, load_mask_png, save_mask_png, tissue_mask_from_image
+from monai_wsi_ext.io.wsi import open_slide
 
 
 def _truth(record) -> tuple[dict, int]:
@@ -221,7 +221,7 @@ def test_cmu_tissue_and_grid(shared_data):
 
 
 def test_blank_flat_tiff_gives_no_cells_and_a_warning(shared_data, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="monai_wsi_ext.prepare"):
+    with caplog.at_level(logging.WARNING, logger="monai_wsi_ext.prep.prepare"):
         meta = prepare_slide(SlideInput(image=str(shared_data / "slides/kidney-48-5.tif")), tmp_path,
                              PrepareConfig(patch_size=256))
     assert meta["counts"]["cells"] <= 2

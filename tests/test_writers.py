@@ -1,4 +1,4 @@
-"""Tests of the heatmap output writers (monai_wsi_ext.writers)."""
+"""Tests of the heatmap output writers (monai_wsi_ext.outputs.writers)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from monai_wsi_ext import annotations, writers
-from monai_wsi_ext.writers import (
+from monai_wsi_ext.io import annotations
+from monai_wsi_ext.outputs import writers
+from monai_wsi_ext.outputs.writers import (
     apply_colormap,
     choose_heatmap_downsample,
     run_record,

@@ -1,4 +1,4 @@
-"""Tests of slide reading (monai_wsi_ext.wsi): backends agree, batched reads, mpp handling, fallback and errors."""
+"""Tests of slide reading (monai_wsi_ext.io.wsi): backends agree, batched reads, mpp handling, fallback and errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from monai_wsi_ext import wsi
+from monai_wsi_ext.io import wsi
 from monai_wsi_ext.errors import WSIReadError
-from monai_wsi_ext.wsi import BACKENDS, available_backends, open_slide
+from monai_wsi_ext.io.wsi import BACKENDS, available_backends, open_slide
 
 INSTALLED = available_backends()
 
@@ -161,7 +161,7 @@ def test_forced_backend_that_cannot_read_raises(shared_data):
 def test_auto_falls_back_and_logs(shared_data, monkeypatch, caplog):
     path = shared_data / KIDNEY_FLAT
     # real auto: whatever it picks, a pick other than the first installed backend is logged as a fallback
-    with caplog.at_level(logging.INFO, logger="monai_wsi_ext.wsi"):
+    with caplog.at_level(logging.INFO, logger="monai_wsi_ext.io.wsi"):
         slide = open_slide(path)
     fallback_logged = any(r.levelno == logging.WARNING and "after" in r.getMessage() for r in caplog.records)
     assert fallback_logged == (slide.backend != INSTALLED[0])
@@ -169,7 +169,7 @@ def test_auto_falls_back_and_logs(shared_data, monkeypatch, caplog):
     # without cuCIM in the running, OpenSlide refuses the flat TIFF and tiffslide takes over, with a warning
     caplog.clear()
     monkeypatch.setattr(wsi, "available_backends", lambda: ["openslide", "tiffslide"])
-    with caplog.at_level(logging.INFO, logger="monai_wsi_ext.wsi"):
+    with caplog.at_level(logging.INFO, logger="monai_wsi_ext.io.wsi"):
         slide = open_slide(path)
     assert slide.backend == "tiffslide"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -270,7 +270,7 @@ def test_read_regions_across_cucim_spans_keeps_order(synthetic_slide):
 
 _ABANDON_SCRIPT = """
 import sys, threading
-from monai_wsi_ext.wsi import open_slide
+from monai_wsi_ext.io.wsi import open_slide
 slide = open_slide(sys.argv[1], backend="cucim")
 locs = [(x * 64, y * 64) for y in range(5) for x in range(4)]
 def stop_after_one_batch():
@@ -302,7 +302,7 @@ def test_stopping_a_cucim_read_early_does_not_crash(synthetic_slide):
 def test_slide_patch_source_matches_read_region(synthetic_slide):
     import torch
 
-    from monai_wsi_ext.data import EvalTransform, SlidePatchSource
+    from monai_wsi_ext.data.patches import EvalTransform, SlidePatchSource
 
     xs, ys = np.meshgrid(np.arange(4, 9) * 64, np.arange(6, 10) * 64)
     source = SlidePatchSource(str(synthetic_slide), xs.ravel(), ys.ravel(), 0, 64, EvalTransform(None),

@@ -81,11 +81,11 @@ class CanvasHeatmapOperator(Operator):
 
     def __init__(self, fragment: Fragment, *args, model_path: Path, output_folder: Path, settings: dict,
                  **kwargs):
-        from monai_wsi_ext.workflows import _device
+        from monai_wsi_ext.utils import resolve_device
 
         self.output_folder = Path(output_folder)
         self.settings = dict(settings)
-        self.device = _device(self.settings.get("device", "auto"))
+        self.device = resolve_device(self.settings.get("device", "auto"))
         # loaded once, when the application is composed, not per compute call
         self.models = load_exported_models(model_path, self.device, self.settings.get("suffix"))
         super().__init__(fragment, *args, **kwargs)

@@ -5,7 +5,7 @@ Model folders, as ``scripts/export_bundle.py`` writes them or as a MONAI Applica
     models/encoder.ts, models/unet.ts                     # export_bundle output (or encoder_e2e.ts, ...)
     models/encoder/<one file>, models/unet/<one file>     # MONAI Deploy "named model" layout
 
-Each ``.ts`` carries the settings it was trained with (:data:`monai_wsi_ext.bundle_utils.SETTINGS_FILE`: patch
+Each ``.ts`` carries the settings it was trained with (:data:`monai_wsi_ext.export.bundle.SETTINGS_FILE`: patch
 size and level, crop, canvas size and mode, stain normalisation, mpp), so the slides are tiled as in training
 without a config file next to the models.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from monai_wsi_ext.bundle_utils import load_exported
+from monai_wsi_ext.export.bundle import load_exported
 from monai_wsi_ext.errors import ConfigError
 
 __all__ = ["ExportedModels", "find_model_files", "list_slides", "load_exported_models", "run_exported_inference"]
@@ -113,7 +113,7 @@ def list_slides(folder: str | os.PathLike) -> list[str]:
     Raises:
         ConfigError: the path does not exist or holds no slide.
     """
-    from monai_wsi_ext.prepare import collect_inputs
+    from monai_wsi_ext.prep.prepare import collect_inputs
 
     path = Path(folder)
     if not path.exists():
@@ -128,7 +128,7 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
                            threshold: float = 0.5, batch_size: int = 64, backend: str = "auto",
                            mpp: float | None = None, device: str | torch.device = "cpu",
                            prepare: dict | None = None, itk_format: str | None = None) -> dict:
-    """Heatmaps for slides with exported models: :class:`~monai_wsi_ext.workflows.SlideInference` with the
+    """Heatmaps for slides with exported models: :class:`~monai_wsi_ext.inference.slides.SlideInference` with the
     tiling, crop and canvas settings embedded in the models.
 
     Args:
@@ -141,7 +141,7 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
         backend: slide reader.
         mpp: level-0 µm/px for slides whose files carry none (overrides the embedded ``mpp``).
         device: where the networks run.
-        prepare: further :class:`~monai_wsi_ext.prepare.PrepareConfig` fields, over the embedded ones.
+        prepare: further :class:`~monai_wsi_ext.prep.prepare.PrepareConfig` fields, over the embedded ones.
         itk_format: also write each map as an ITK image with physical spacing (``nrrd`` or ``mha``).
 
     Returns:
@@ -150,7 +150,7 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
     Raises:
         MonaiWsiExtError: after all slides ran, when any failed (the summary file lists them).
     """
-    from monai_wsi_ext.workflows import SlideInference
+    from monai_wsi_ext.inference.slides import SlideInference
 
     st = models.settings
     mode = mode or ("canvas" if models.unet is not None else "classifier")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from monai_wsi_ext.canvas import IGNORE_INDEX
+from monai_wsi_ext.model.canvas import IGNORE_INDEX
 from monai_wsi_ext.errors import ConfigError
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "LoadReport",
     "read_state_dict",
     "load_pretrained",
+    "load_checkpoint",
     "load_encoder_checkpoint",
     "make_unet",
     "canvas_loss",
@@ -110,7 +111,9 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, option: str = "pretrained_path", key: str | None = None
+) -> dict[str, torch.Tensor]:
     """Read a state dict from a local checkpoint file, safely.
 
     Accepts a raw state dict, or a dict that wraps one under ``"state_dict"``, ``"model"``, ``"encoder"``,
@@ -119,6 +122,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Args:
         path: checkpoint file (``.pt``/``.pth``).
+        option: the name of the setting that gave ``path`` (``pretrained_path``, ``encoder_ckpt``...), named in
+            the error when the file is missing.
+        key: take the state dict from this entry of the file (e.g. ``"model"`` of a nested checkpoint).
 
     Returns:
         Mapping of parameter/buffer names to tensors (on CPU).
@@ -129,9 +135,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ConfigError(
-            f"`pretrained_path` {path!r} does not exist; give a local .pt/.pth file (nothing is downloaded)."
-        )
+        raise ConfigError(f"`{option}` {path!r} does not exist; give a local .pt/.pth file (nothing is downloaded).")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
@@ -139,6 +143,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Save plain state dicts (`torch.save(model.state_dict(), path)`); pickled objects are refused."
         ) from e
+    if key:
+        if not isinstance(obj, Mapping) or key not in obj:
+            top = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+            raise ConfigError(f"`{option}` {path}: has no entry {key!r} (top-level keys: {top}).")
+        obj = obj[key]
     for _ in range(4):
         if not isinstance(obj, Mapping):
             break
@@ -295,26 +304,107 @@ class PatchEncoder(nn.Module):
         return load_pretrained(self.backbone, sd, target=f"{self.backbone_name} backbone")
 
 
-def load_encoder_checkpoint(encoder: PatchEncoder, path: str | os.PathLike, drop_head: bool = False) -> LoadReport:
-    """Initialise an encoder from a separately trained checkpoint (the start of end-to-end training).
+def _guess_architecture(sd: Mapping[str, torch.Tensor]) -> str:
+    """A short guess of what network a state dict belongs to, from its key names (empty when unsure)."""
+    keys = list(sd)
+    encoder = any(k.startswith(("backbone.", "feature.", "head.")) for k in keys)
+    body = [k[len("backbone.") :] if k.startswith("backbone.") else k for k in keys]
+    if any("denseblock" in k or "denselayer" in k for k in body):
+        backbone = "densenet121"
+    elif any(k.startswith(("inception3a.", "conv1.conv.")) for k in body):
+        backbone = "googlenet"
+    else:
+        backbone = ""
+    if encoder and backbone:
+        extra = []
+        if "feature.weight" in sd and sd["feature.weight"].ndim == 2:
+            extra.append(f"feature_dim {int(sd['feature.weight'].shape[0])}")
+        if "head.weight" in sd and sd["head.weight"].ndim == 2:
+            extra.append(f"num_classes {int(sd['head.weight'].shape[0])}")
+        return f"a {backbone} PatchEncoder" + (f" ({', '.join(extra)})" if extra else "")
+    if backbone:
+        return f"a bare {backbone} backbone (such weights belong in `pretrained_path`)"
+    if any(k.startswith("model.0.") for k in keys):
+        return "a MONAI UNet"
+    return ""
+
+
+def _describe_network(network: nn.Module) -> str:
+    name = type(network).__name__
+    if isinstance(network, PatchEncoder):
+        return (f"a {network.backbone_name} {name} (backbone {network.backbone_name!r}, feature_dim "
+                f"{network.feature_dim}, num_classes {network.num_classes})")
+    attrs = [f"{a} {getattr(network, a)}" for a in ("in_channels", "out_channels", "channels", "strides",
+                                                     "num_res_units") if hasattr(network, a)]
+    return f"a {name}" + (f" ({', '.join(attrs)})" if attrs else "")
+
+
+def load_checkpoint(
+    network: nn.Module,
+    path: str | os.PathLike,
+    option: str = "encoder_ckpt",
+    drop_head: bool = False,
+    key: str | None = None,
+) -> LoadReport:
+    """Load a checkpoint that must fit ``network`` exactly: every tensor of the network, by name and shape.
+
+    This is the one way trained weights are loaded (inference, feature extraction, baselines, export and the
+    start of end-to-end training). Partial loading is only for backbone weights (``pretrained_path``, see
+    :meth:`PatchEncoder.load_weights`).
 
     Args:
-        encoder: destination encoder.
-        path: checkpoint of a :class:`PatchEncoder` (raw or wrapped state dict, e.g. a CheckpointSaver file).
-        drop_head: do not load the final layer (``head.*``); end-to-end training does not use it.
+        network: destination network (a :class:`PatchEncoder`, a U-Net, ...).
+        path: checkpoint file (raw or wrapped state dict, e.g. a CheckpointSaver file; see :func:`read_state_dict`).
+        option: the setting that gave ``path``, named in the errors (``encoder_ckpt``, ``unet_ckpt``...).
+        drop_head: do not load (and do not require) the final layer ``head.*``; end-to-end training does not use it.
+        key: take the state dict from this entry of the file.
 
     Returns:
-        A :class:`LoadReport`.
+        A :class:`LoadReport` whose ``loaded`` lists every tensor copied (``missing``/``unexpected``/``skipped``
+        are empty).
+
+    Raises:
+        ConfigError: when the file is missing or unreadable, or when any network tensor is missing from it, has
+            another shape, or the file holds tensors the network does not have. The message names ``option``, the
+            file, the expected network (for an encoder its backbone) and what the checkpoint looks like.
     """
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, option=option, key=key)
+    n_file = len(sd)
+    guess = _guess_architecture(sd)
     if drop_head:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    if encoder.backbone_name == "densenet121":
+    if getattr(network, "backbone_name", None) == "densenet121":
         sd = _remap_densenet(sd)
-    report = load_pretrained(encoder, sd, target="encoder")
-    if drop_head:
-        report.missing = [k for k in report.missing if not k.startswith("head.")]
-    return report
+    own = network.state_dict()
+    required = [k for k in own if not (drop_head and k.startswith("head."))]
+    missing = [k for k in required if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in required if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(required) - len(missing) - len(mismatched)} of the network's {len(required)} tensors match"]
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} with another shape (e.g. {k!r}: {tuple(sd[k].shape)} in the file, "
+                         f"{tuple(own[k].shape)} in the network)")
+        raise ConfigError(
+            f"`{option}` {os.fspath(path)!r} does not fit the network: expected {_describe_network(network)}; "
+            f"the checkpoint holds {n_file} tensors (e.g. {list(sd)[:3]})"
+            + (f" and looks like {guess}" if guess else "")
+            + f"; {', '.join(parts)}. Give the checkpoint trained with these settings, or change the settings "
+            "(e.g. `backbone`, `feature_dim`, the U-Net channels) to those of the checkpoint."
+        )
+    network.load_state_dict(sd, strict=not drop_head)
+    logger.info("%s: loaded all %d tensors from %s", option, len(sd), os.fspath(path))
+    return LoadReport(target=option, loaded=sorted(sd))
+
+
+def load_encoder_checkpoint(encoder: PatchEncoder, path: str | os.PathLike, drop_head: bool = False) -> LoadReport:
+    """``load_checkpoint(encoder, path, option="encoder_ckpt", drop_head=drop_head)`` (kept for callers)."""
+    return load_checkpoint(encoder, path, option="encoder_ckpt", drop_head=drop_head)
 
 
 def make_unet(

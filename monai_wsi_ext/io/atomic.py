@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from monai_wsi_ext.utils import json_default
+
 __all__ = ["atomic_path", "write_json_atomic", "write_text_atomic"]
 
 
@@ -49,16 +51,5 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically and return the path."""
-    return write_text_atomic(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+    return write_text_atomic(path, json.dumps(obj, indent=indent, default=json_default) + "\n")
 
-
-def _json_default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")

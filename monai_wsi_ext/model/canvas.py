@@ -27,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "IGNORE_INDEX",
+    "as_index",
     "CanvasLayout",
     "inside_window",
     "scatter_to_canvas",
@@ -45,11 +46,15 @@ IGNORE_INDEX = -1
 """Label canvas value for background and ``nolabel`` cells; use as ``ignore_index`` of the cross-entropy loss."""
 
 
-def _as_long(t, name: str) -> torch.Tensor:
+def as_index(t, name: str, n: int | None = None) -> torch.Tensor:
+    """``t`` as a flat LongTensor of grid coordinates/labels/ids (integers only; ``n`` entries when given)."""
     t = torch.as_tensor(t)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
         raise TypeError(f"`{name}` must hold integer grid coordinates/labels, got dtype {t.dtype}.")
-    return t.long().reshape(-1)
+    t = t.long().reshape(-1)
+    if n is not None and t.numel() != n:
+        raise ValueError(f"`{name}` must have one entry per patch ({n}), got {t.numel()}.")
+    return t
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -98,7 +103,7 @@ def inside_window(rows, cols, size, offset=(0, 0)) -> torch.Tensor:
     Returns:
         BoolTensor (N,), True where ``0 <= row - r0 < H`` and ``0 <= col - c0 < W``.
     """
-    rows, cols = _as_long(rows, "rows"), _as_long(cols, "cols")
+    rows, cols = as_index(rows, "rows"), as_index(cols, "cols")
     (h, w), (r0, c0) = _pair(size, "size"), _pair(offset, "offset")
     rr, cc = rows - r0, cols - c0
     return (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
@@ -123,7 +128,7 @@ def scatter_to_canvas(features: torch.Tensor, rows, cols, size, offset=(0, 0)) -
     """
     if features.ndim != 2:
         raise ValueError(f"`features` must have shape (N, C), got {tuple(features.shape)}.")
-    rows, cols = _as_long(rows, "rows"), _as_long(cols, "cols")
+    rows, cols = as_index(rows, "rows"), as_index(cols, "cols")
     if rows.numel() != features.shape[0] or cols.numel() != features.shape[0]:
         raise ValueError(
             f"`rows` ({rows.numel()}) and `cols` ({cols.numel()}) must have one entry per feature row "
@@ -155,7 +160,7 @@ def gather_from_canvas(canvas: torch.Tensor, rows, cols, offset=(0, 0)) -> torch
     if canvas.ndim not in (3, 4):
         raise ValueError(f"`canvas` must be (C, H, W) or (B, C, H, W), got shape {tuple(canvas.shape)}.")
     h, w = canvas.shape[-2:]
-    rows, cols = _as_long(rows, "rows"), _as_long(cols, "cols")
+    rows, cols = as_index(rows, "rows"), as_index(cols, "cols")
     inside = inside_window(rows, cols, (h, w), offset)
     if not bool(inside.all()):
         raise ValueError(
@@ -182,8 +187,8 @@ def label_canvas(labels, rows, cols, size, offset=(0, 0)) -> torch.Tensor:
         LongTensor (H, W) on the labels' device: the label of each placed patch, :data:`IGNORE_INDEX` for
         nolabel patches and for background.
     """
-    labels = _as_long(labels, "labels")
-    rows, cols = _as_long(rows, "rows"), _as_long(cols, "cols")
+    labels = as_index(labels, "labels")
+    rows, cols = as_index(rows, "rows"), as_index(cols, "cols")
     if not (labels.numel() == rows.numel() == cols.numel()):
         raise ValueError(
             f"`labels` ({labels.numel()}), `rows` ({rows.numel()}) and `cols` ({cols.numel()}) must have equal length."
@@ -205,7 +210,7 @@ def layout_canvas(features: torch.Tensor, layout: CanvasLayout) -> torch.Tensor:
 
 def layout_label_canvas(labels, layout: CanvasLayout) -> torch.Tensor:
     """:func:`label_canvas` for a layout; ``labels`` is the slide's full (N,) label vector."""
-    labels = _as_long(labels, "labels")
+    labels = as_index(labels, "labels")
     return label_canvas(labels[layout.indices.to(labels.device)], layout.rows, layout.cols, layout.size, layout.offset)
 
 
@@ -266,7 +271,7 @@ def plan_canvases(
     Raises:
         ValueError: for an unknown mode, a non-positive size or mismatched inputs.
     """
-    rows, cols = _as_long(rows, "rows"), _as_long(cols, "cols")
+    rows, cols = as_index(rows, "rows"), as_index(cols, "cols")
     if rows.numel() != cols.numel():
         raise ValueError(f"`rows` ({rows.numel()}) and `cols` ({cols.numel()}) must have equal length.")
     if int(canvas_size) < 1 or int(multiple) < 1:
@@ -279,7 +284,7 @@ def plan_canvases(
         layouts = [_centred_layout(torch.arange(rows.numel()), rows, cols, canvas_size, multiple)]
     elif mode == "lumps":
         if tissue_components is not None:
-            comp = _as_long(tissue_components, "tissue_components").cpu().numpy()
+            comp = as_index(tissue_components, "tissue_components").cpu().numpy()
             if comp.size != rows.numel():
                 raise ValueError(
                     f"`tissue_components` must have one lump id per patch ({rows.numel()}), got {comp.size}."

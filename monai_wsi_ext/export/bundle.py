@@ -1,7 +1,7 @@
 """Bundle housekeeping: offline metadata verification and TorchScript export of the two networks.
 
 MONAI's ``verify_metadata`` downloads the schema named in ``metadata.json``; :func:`verify_bundle_metadata` checks
-the same file against the schema shipped in this package (``monai_wsi_ext/schema/bundle_meta_schema.json``) with no
+the same file against the schema shipped in this package (``monai_wsi_ext/export/schema/bundle_meta_schema.json``) with no
 network access. :func:`export_network` is a thin wrapper of ``monai.bundle.ckpt_export`` that picks the bundle
 configs for the encoder or the U-Net, writes the ``.ts`` file atomically and checks that the exported module gives
 the eager network's outputs.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from monai_wsi_ext.errors import ConfigError
-from monai_wsi_ext.io_utils import atomic_path
+from monai_wsi_ext.io.atomic import atomic_path
 
 __all__ = [
     "SCHEMA_FILE",
@@ -142,7 +142,7 @@ def bundle_config_files(
 def _eager_network(config_files: Sequence[str], meta_file: str | None, ckpt_file: str, key_in_ckpt: str, **override):
     from monai.bundle import ConfigParser
 
-    from monai_wsi_ext.networks import read_state_dict
+    from monai_wsi_ext.model.networks import load_checkpoint
 
     parser = ConfigParser()
     parser.read_config(f=list(config_files))
@@ -151,11 +151,7 @@ def _eager_network(config_files: Sequence[str], meta_file: str | None, ckpt_file
     for k, v in override.items():
         parser[k] = v
     net = parser.get_parsed_content("network_def")
-    if key_in_ckpt:
-        sd = torch.load(ckpt_file, map_location="cpu", weights_only=True)[key_in_ckpt]
-    else:
-        sd = read_state_dict(ckpt_file)
-    net.load_state_dict(sd)
+    load_checkpoint(net, ckpt_file, option="ckpt_file", key=key_in_ckpt or None)
     return net.eval()
 
 
@@ -216,7 +212,7 @@ def export_network(
             --config_file "['bundle/configs/common.json','bundle/configs/train_canvas.json']"
 
     Args:
-        network: ``"encoder"`` (:class:`~monai_wsi_ext.networks.PatchEncoder`, exported with its ``features``
+        network: ``"encoder"`` (:class:`~monai_wsi_ext.model.networks.PatchEncoder`, exported with its ``features``
             method) or ``"unet"``.
         ckpt_file: the training checkpoint (a plain state dict, as the bundle's CheckpointSaver writes).
         filepath: the ``.ts`` file to write (written atomically, after the check; parent folders are created).
@@ -250,6 +246,8 @@ def export_network(
         raise ConfigError(f"`filepath` must end in .ts, got {str(filepath)!r}.")
     if use_trace and input_shape is None:
         input_shape = [1, 3, 224, 224] if network == "encoder" else None  # None: taken from the metadata
+    # strict: a checkpoint that does not fit the network fails here, before MONAI's (partial) copy into the export
+    eager = _eager_network(config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override)
     with atomic_path(filepath) as tmp:
         ckpt_export(
             net_id="network_def",
@@ -264,9 +262,6 @@ def export_network(
             **override,
         )
         if check_shape is None or len(check_shape):  # checked before the rename: a bad export leaves no file
-            eager = _eager_network(
-                config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override
-            )
             if check_shape is None:
                 check_shape = (1, int(getattr(eager, "in_channels", 3)), 64, 64)
             check_exported(tmp, eager, check_shape)

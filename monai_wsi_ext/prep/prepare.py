@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from monai_wsi_ext.errors import MonaiWsiExtError
-from monai_wsi_ext.grid import PatchGrid, PatchLabel, label_cells, make_grid, write_patch_table
-from monai_wsi_ext.io_utils import write_json_atomic
-from monai_wsi_ext.tissue import detect_tissue, save_mask_png
-from monai_wsi_ext.wsi import open_slide
+from monai_wsi_ext.prep.grid import PatchGrid, PatchLabel, label_cells, make_grid, write_patch_table
+from monai_wsi_ext.io.atomic import write_json_atomic
+from monai_wsi_ext.prep.tissue import detect_tissue, save_mask_png
+from monai_wsi_ext.io.wsi import open_slide
 
 __all__ = ["PrepareConfig", "SlideInput", "prepare_slide", "prepare_dataset", "collect_inputs", "datalist_items"]
 
@@ -103,7 +103,7 @@ class SlideInput:
 
 def _label_mask_for(inp: SlideInput, cfg: PrepareConfig, slide_size: tuple[int, int], cell: float):
     """Rasterise the slide's annotation to a label mask (0 none, 1 normal, 2 tumor) and its downsample."""
-    from monai_wsi_ext import annotations as ann
+    from monai_wsi_ext.io import annotations as ann
 
     width, height = slide_size
     downsample = max(cell / cfg.label_cells_px, 1.0)

@@ -14,7 +14,7 @@ back-propagation through the whole graph provided the second pass reproduces the
 
 * the same pixels: ``load_patches(indices, seeds)`` must be a pure function of its arguments, so random
   augmentation is replayed from the per-patch seeds the step draws once per iteration;
-* the encoder in eval mode during both passes (:func:`freeze_batchnorm`): batch-norm statistics computed over a
+* the encoder in eval mode during both passes (:func:`eval_mode`): batch-norm statistics computed over a
   chunk differ from those over another chunk composition (and from the whole slide), running-statistic updates
   would change the normalisation between the passes, and dropout would draw different masks.
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -38,29 +38,28 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils.enums import CommonKeys as Keys
 
-from monai_wsi_ext.canvas import (
+from monai_wsi_ext.model.canvas import (
     IGNORE_INDEX,
     CanvasLayout,
-    canvas_forward,
+    as_index,
     gather_from_canvas,
+    layout_canvas,
     layout_label_canvas,
     plan_canvases,
     sample_window,
-    scatter_to_canvas,
 )
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
+from monai_wsi_ext.model.predict import encode_batches, eval_mode
+from monai_wsi_ext.utils import module_device
 
 __all__ = [
     "PatchLoader",
     "NonFiniteLossError",
-    "freeze_batchnorm",
     "draw_seeds",
     "encode_patches",
     "e2e_step",
     "slide_collate",
     "SurrogateE2ETrainer",
-    "predict_patch_probabilities",
-    "layout_canvas_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,41 +75,9 @@ class NonFiniteLossError(MonaiWsiExtError, FloatingPointError):
     """The canvas loss or its gradient was NaN/inf and the trainer was told to stop (``nonfinite="raise"``)."""
 
 
-@contextmanager
-def freeze_batchnorm(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the duration of the block and restore every submodule's mode afterwards.
-
-    The surrogate-loss step encodes each patch twice (once without gradients, once with) and needs both passes to
-    produce identical features. In training mode batch norm normalises with the statistics of the current chunk
-    (which differ from chunk to chunk and from the whole slide) and updates its running statistics between the
-    passes, and dropout draws a new mask on each call; in eval mode every patch's feature is a fixed function of its
-    pixels. The whole module is switched (not only the BatchNorm layers) so that no other train-only behaviour
-    (dropout, auxiliary heads) can differ between the passes either.
-
-    Args:
-        module: the encoder.
-
-    Yields:
-        ``module`` in eval mode.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def draw_seeds(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """One augmentation seed per patch (LongTensor (n,) in [0, 2**31 - 1)), drawn once per iteration."""
     return torch.randint(0, _SEED_HIGH, (int(n),), generator=generator, dtype=torch.long)
-
-
-def _param_spec(module: nn.Module, device) -> tuple[torch.device, torch.dtype]:
-    p = next((q for q in module.parameters() if q.is_floating_point()), None)
-    dev = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
-    return dev, (p.dtype if p is not None else torch.get_default_dtype())
 
 
 def _load(load_patches: PatchLoader, idx, seeds, device, dtype, non_blocking: bool) -> torch.Tensor:
@@ -138,7 +105,7 @@ def encode_patches(
     """Encode patches in chunks without gradients (step 1 of the surrogate-loss step, and inference).
 
     Args:
-        encoder: module with ``features(x)`` (a :class:`~monai_wsi_ext.networks.PatchEncoder`) or a plain module.
+        encoder: module with ``features(x)`` (a :class:`~monai_wsi_ext.model.networks.PatchEncoder`) or a plain module.
         load_patches: see :data:`PatchLoader`.
         indices: (M,) patch indices to encode, in this order.
         seeds: (M,) augmentation seeds, one per entry of ``indices``.
@@ -150,29 +117,18 @@ def encode_patches(
     Returns:
         (M, C) features on ``device`` (float32 under autocast, else the encoder's dtype).
     """
-    dev, dtype = _param_spec(encoder, device)
-    feats = getattr(encoder, "features", encoder)
-    out = []
-    with torch.no_grad():
-        for start in range(0, indices.numel(), int(chunk_size)):
-            idx = indices[start : start + int(chunk_size)]
-            x = _load(load_patches, idx, seeds[start : start + int(chunk_size)], dev, dtype, non_blocking)
-            with torch.autocast(dev.type, enabled=autocast):
-                out.append(feats(x))
-    if not out:
+    if indices.numel() == 0:
         raise ValueError("`indices` is empty: there are no patches to encode.")
-    x = torch.cat(out)
-    return x.float() if autocast else x
+    dev, dtype = module_device(encoder, device)
+    step = int(chunk_size)
+    batches = (_load(load_patches, indices[s : s + step], seeds[s : s + step], dev, dtype, non_blocking)
+               for s in range(0, indices.numel(), step))
+    x, _ = encode_batches(encoder, batches, dev, autocast=autocast)
+    return x
 
 
-def _as_long_cpu(t, name: str, n: int | None = None) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    if t.is_floating_point():
-        raise TypeError(f"`{name}` must be an integer tensor, got dtype {t.dtype}.")
-    t = t.long().reshape(-1).cpu()
-    if n is not None and t.numel() != n:
-        raise ValueError(f"`{name}` must have one entry per patch ({n}), got {t.numel()}.")
-    return t
+def _index(t, name: str, n: int | None = None) -> torch.Tensor:
+    return as_index(t, name, n).cpu()
 
 
 def _all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
@@ -218,7 +174,7 @@ def e2e_step(
         cols: (n_patches,) grid columns.
         labels: (n_patches,) 1 tumor, 0 normal, -1 nolabel.
         layouts: one layout or a list of layouts of equal size (e.g. the lumps of a biopsy slide, or training windows
-            from :func:`~monai_wsi_ext.canvas.sample_window`); they are stacked into one U-Net batch. Only the
+            from :func:`~monai_wsi_ext.model.canvas.sample_window`); they are stacked into one U-Net batch. Only the
             patches of the layouts are encoded.
         loss_fn: ``loss_fn(logits (B, K, H, W), targets (B, H, W) with IGNORE_INDEX) -> scalar``.
         chunk_size: patches per encoder call in both passes.
@@ -232,7 +188,7 @@ def e2e_step(
         autocast: run the networks under ``torch.autocast`` (the features and ``g`` are kept in float32).
         loss_scaler: optional callable applied to the scaled loss before back-propagation (``GradScaler.scale``).
         encoder_grads: False skips the second pass (trains the U-Net only, on features computed on the fly).
-        freeze_encoder: run the encoder in eval mode (:func:`freeze_batchnorm`); required for exactness.
+        freeze_encoder: run the encoder in eval mode (:func:`eval_mode`); required for exactness.
         non_blocking: non-blocking host-to-device copies.
 
     Returns:
@@ -248,9 +204,9 @@ def e2e_step(
         ValueError: for inconsistent inputs (lengths, layouts of different sizes).
     """
     n_patches = int(n_patches)
-    rows = _as_long_cpu(rows, "rows", n_patches)
-    cols = _as_long_cpu(cols, "cols", n_patches)
-    labels = _as_long_cpu(labels, "labels", n_patches)
+    rows = _index(rows, "rows", n_patches)
+    cols = _index(cols, "cols", n_patches)
+    labels = _index(labels, "labels", n_patches)
     layouts = [layouts] if isinstance(layouts, CanvasLayout) else list(layouts)
     if not layouts:
         raise ValueError("`layouts` is empty; plan the canvases with `plan_canvases` first.")
@@ -260,8 +216,8 @@ def e2e_step(
     if int(chunk_size) < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
     chunk_size = int(chunk_size)
-    seeds = draw_seeds(n_patches, generator) if seeds is None else _as_long_cpu(seeds, "seeds", n_patches)
-    dev, _ = _param_spec(encoder, device)
+    seeds = draw_seeds(n_patches, generator) if seeds is None else _index(seeds, "seeds", n_patches)
+    dev, _ = module_device(encoder, device)
 
     used = torch.unique(torch.cat([lay.indices.long().cpu() for lay in layouts]))  # sorted
     if used.numel() and (int(used[0]) < 0 or int(used[-1]) >= n_patches):
@@ -285,7 +241,7 @@ def e2e_step(
         result["skipped"] = True
         return result
 
-    freeze = freeze_batchnorm(encoder) if freeze_encoder else nullcontext()
+    freeze = eval_mode(encoder) if freeze_encoder else nullcontext()
     amp = torch.autocast(dev.type, enabled=autocast) if autocast else nullcontext()
     with freeze:
         # step 1: features of all placed patches, no graph kept
@@ -295,7 +251,7 @@ def e2e_step(
         canvases = []
         for lay in layouts:
             pos = torch.searchsorted(used, lay.indices.long().cpu()).to(dev)
-            canvases.append(scatter_to_canvas(x_leaf[pos], lay.rows, lay.cols, lay.size, lay.offset))
+            canvases.append(layout_canvas(x_leaf[pos], lay))
         canvas = torch.stack(canvases)
         # step 3: U-Net forward/backward; read g = dL/dx
         with amp:
@@ -323,9 +279,9 @@ def e2e_step(
         # step 4: re-encode chunk by chunk with gradients; backward of the surrogate loss <g, x>
         positions = torch.arange(used.numel())
         if subset is not None:
-            positions = positions[torch.isin(used, _as_long_cpu(subset, "subset"))]
+            positions = positions[torch.isin(used, _index(subset, "subset"))]
         feats = getattr(encoder, "features", encoder)
-        enc_dtype = _param_spec(encoder, dev)[1]
+        enc_dtype = module_device(encoder, dev)[1]
         for start in range(0, positions.numel(), chunk_size):
             pos = positions[start : start + chunk_size]
             idx = used[pos]
@@ -371,7 +327,7 @@ class SurrogateE2ETrainer(Trainer):
         device: compute device; the networks must already be on it.
         max_epochs: epochs to run.
         train_data_loader: iterable of slide dicts (see above).
-        encoder: patch encoder (``features(x)``); kept in eval mode during the step (see :func:`freeze_batchnorm`).
+        encoder: patch encoder (``features(x)``); kept in eval mode during the step (see :func:`eval_mode`).
         unet: canvas U-Net; in train mode during the step.
         encoder_optimizer: optimizer of the encoder; None trains the U-Net only (the second pass is skipped).
         unet_optimizer: optimizer of the U-Net.
@@ -604,9 +560,9 @@ class SurrogateE2ETrainer(Trainer):
         item = self._unpack(batchdata)
         source = item["patch_source"]
         n = len(source)
-        rows = _as_long_cpu(item["rows"], "rows", n)
-        cols = _as_long_cpu(item["cols"], "cols", n)
-        labels = _as_long_cpu(item["labels"], "labels", n)
+        rows = _index(item["rows"], "rows", n)
+        cols = _index(item["cols"], "cols", n)
+        labels = _index(item["labels"], "labels", n)
         layouts = self._layouts(item, rows, cols, labels)
 
         subset = None
@@ -695,69 +651,3 @@ class SurrogateE2ETrainer(Trainer):
             engine.state.output = [engine.state.output]
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-
-def predict_patch_probabilities(
-    encoder: nn.Module,
-    unet: nn.Module,
-    load_patches: PatchLoader,
-    rows,
-    cols,
-    canvas_size: int,
-    canvas_mode: str = "slide",
-    chunk_size: int = 64,
-    tissue_components=None,
-    canvas_multiple: int = 16,
-    device: str | torch.device | None = None,
-    inferer=None,
-    autocast: bool = False,
-) -> torch.Tensor:
-    """Per-patch class probabilities of one slide (inference: both networks in eval mode, no gradients).
-
-    Layouts larger than ``canvas_size`` go through a sliding window (:func:`canvas_forward`), so every patch is
-    predicted. ``load_patches`` is called with seed 0 for every patch.
-
-    Args:
-        encoder: patch encoder (``features(x)``).
-        unet: canvas U-Net.
-        load_patches: see :data:`PatchLoader`.
-        rows: (N,) grid rows.
-        cols: (N,) grid columns.
-        canvas_size: the U-Net's training canvas size.
-        canvas_mode: ``"slide"`` or ``"lumps"``.
-        chunk_size: patches per encoder call.
-        tissue_components: optional lump id per patch (``"lumps"`` mode).
-        canvas_multiple: rounding of layouts larger than ``canvas_size``.
-        device: compute device (default: the encoder's).
-        inferer: optional inferer for canvases larger than ``canvas_size``.
-        autocast: mixed precision.
-
-    Returns:
-        (N, K) float32 probabilities on the CPU, in patch-table order.
-    """
-    rows = _as_long_cpu(rows, "rows")
-    cols = _as_long_cpu(cols, "cols", rows.numel())
-    dev, _ = _param_spec(encoder, device)
-    layouts = plan_canvases(
-        rows, cols, canvas_size, mode=canvas_mode, tissue_components=tissue_components, multiple=canvas_multiple
-    )
-    all_idx = torch.arange(rows.numel())
-    out: torch.Tensor | None = None
-    with freeze_batchnorm(encoder), freeze_batchnorm(unet), torch.no_grad():
-        x = encode_patches(encoder, load_patches, all_idx, torch.zeros_like(all_idx), chunk_size, dev, autocast)
-        for lay in layouts:
-            canvas = layout_canvas_features(x, lay)
-            with torch.autocast(dev.type, enabled=autocast):
-                logits = canvas_forward(unet, canvas, canvas_size, inferer=inferer)
-            probs = torch.softmax(logits.float(), dim=0)
-            p = gather_from_canvas(probs, lay.rows, lay.cols, lay.offset).cpu()
-            if out is None:
-                out = torch.zeros(rows.numel(), p.shape[1])
-            out[lay.indices.long()] = p
-    return out if out is not None else torch.zeros(0, 0)
-
-
-def layout_canvas_features(x: torch.Tensor, layout: CanvasLayout) -> torch.Tensor:
-    """Scatter the rows ``layout.indices`` of a slide's full (N, C) feature table onto the layout's canvas."""
-    feats = x[layout.indices.long().to(x.device)]
-    return scatter_to_canvas(feats, layout.rows, layout.cols, layout.size, layout.offset)

@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from monai_wsi_ext.annotations import AnnotationLabel, AnnotationPolygon, write_qupath_geojson
-from monai_wsi_ext.io_utils import atomic_path, write_json_atomic
+from monai_wsi_ext.utils import file_sha256, json_default
+from monai_wsi_ext.io.annotations import AnnotationLabel, AnnotationPolygon, write_qupath_geojson
+from monai_wsi_ext.io.atomic import atomic_path, write_json_atomic
 
 __all__ = [
     "COLORMAPS",
@@ -397,7 +398,7 @@ def write_heatmap_tiff(
     # trailing zero row and column: index -1 (outside the grid) reads background
     grid8 = np.pad(_to_uint8(arr), ((0, 1), (0, 1)))
     description = {
-        "software": "monai_wsi_ext.writers.write_heatmap_tiff",
+        "software": "monai_wsi_ext.outputs.writers.write_heatmap_tiff",
         "content": "tumor probability heatmap",
         "encoding": "uint8 = round(255 * probability); 0 = no tissue / outside the grid",
         "downsample": d,
@@ -535,7 +536,7 @@ def tumor_regions(
 
     Returns:
         One dict per region, largest first (ties in raster order), with ``id`` (1-based), ``name``, ``polygon``
-        (:class:`~monai_wsi_ext.annotations.AnnotationPolygon`, label tumor), ``n_cells``, ``area_px``
+        (:class:`~monai_wsi_ext.io.annotations.AnnotationPolygon`, label tumor), ``n_cells``, ``area_px``
         (``n_cells * cell_size**2`` level-0 px^2), ``area_mm2`` (None without ``mpp``), ``mean_probability``,
         ``max_probability``, ``bbox`` (level-0 ``[x0, y0, x1, y1]`` of the cells) and ``centroid`` (level-0
         ``[x, y]`` mean of the cell centres).
@@ -708,24 +709,8 @@ def _git_commit() -> str | None:
     return commit if result.returncode == 0 and len(commit) >= 40 else None
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)  # paths, enums and anything else: their text
-
-
 def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=json_default)
 
 
 def run_record(**extra: Any) -> dict:
@@ -776,7 +761,7 @@ def write_run_record(
     for name, wpath in (weights or {}).items():
         p = Path(wpath)
         if p.is_file():
-            weight_info[name] = {"path": str(p.resolve()), "sha256": _sha256_file(p), "size_bytes": p.stat().st_size}
+            weight_info[name] = {"path": str(p.resolve()), "sha256": file_sha256(p), "size_bytes": p.stat().st_size}
         else:
             logger.warning("write_run_record: weights file %r for %r does not exist; recording no hash.", str(p), name)
             weight_info[name] = {"path": str(p), "sha256": None, "size_bytes": None}
@@ -789,7 +774,7 @@ def write_run_record(
         fields["command"] = [str(c) for c in command]
     record = run_record(**fields, **extra)
     # round-trip through JSON so numpy values and paths in `config` / `extra` become plain JSON values
-    record = json.loads(json.dumps(record, default=_json_default))
+    record = json.loads(json.dumps(record, default=json_default))
     write_json_atomic(path, record)
     return record
 

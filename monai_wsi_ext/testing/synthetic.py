@@ -56,9 +56,9 @@ from typing import Any
 
 import numpy as np
 
-from monai_wsi_ext.annotations import AnnotationLabel, AnnotationPolygon, write_asap_xml, write_qupath_geojson
+from monai_wsi_ext.io.annotations import AnnotationLabel, AnnotationPolygon, write_asap_xml, write_qupath_geojson
 from monai_wsi_ext.errors import ConfigError
-from monai_wsi_ext.io_utils import atomic_path, write_json_atomic
+from monai_wsi_ext.io.atomic import atomic_path, write_json_atomic
 
 __all__ = [
     "SyntheticSlideConfig",
@@ -890,7 +890,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int = 4, n_val: int = 
             record["split"] = split
             records.append(record)
     manifest = {
-        "name": "synthetic H&E-like slides (monai_wsi_ext.synthetic)",
+        "name": "synthetic H&E-like slides (monai_wsi_ext.testing.synthetic)",
         "version": 1,
         "seed": int(seed),
         "config": cfg.to_dict(),

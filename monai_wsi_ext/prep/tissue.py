@@ -13,8 +13,8 @@ from PIL import Image, PngImagePlugin
 from skimage import color, filters, morphology, transform
 
 from monai_wsi_ext.errors import TissueError
-from monai_wsi_ext.io_utils import atomic_path
-from monai_wsi_ext.wsi import Slide
+from monai_wsi_ext.io.atomic import atomic_path
+from monai_wsi_ext.io.wsi import Slide
 
 __all__ = ["TissueMask", "detect_tissue", "tissue_mask_from_image", "load_external_mask", "save_mask_png",
            "load_mask_png"]

@@ -23,8 +23,9 @@ import torch
 from monai.transforms import Randomizable
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from monai_wsi_ext.grid import PatchLabel, read_patch_table
-from monai_wsi_ext.wsi import Slide, open_slide
+from monai_wsi_ext.errors import MonaiWsiExtError
+from monai_wsi_ext.prep.grid import PatchLabel, read_patch_table
+from monai_wsi_ext.io.wsi import Slide, open_slide
 
 __all__ = [
     "PatchKeys",
@@ -40,6 +41,7 @@ __all__ = [
     "load_datalist",
     "load_prepared_slides",
     "SlidePatchSource",
+    "E2ESlideDataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -303,7 +305,7 @@ class PatchDataset(Dataset):
     Items with a ``nolabel`` label are dropped unless ``include_nolabel``.
 
     Args:
-        items: datalist items (see :func:`monai_wsi_ext.prepare.datalist_items`).
+        items: datalist items (see :func:`monai_wsi_ext.prep.prepare.datalist_items`).
         transform: callable on the HWC uint8 patch (see :func:`make_patch_transform`); None gives CHW float.
         backend: slide reader backend.
         include_nolabel: keep ``label == -1`` items.
@@ -362,7 +364,7 @@ def load_prepared_slides(prepared_dir: str | os.PathLike, split: str | Sequence[
     """Prepared slides (``meta.json`` + patch table) of a ``prepare_dataset`` output folder.
 
     Returns:
-        dicts with the meta fields plus ``grid`` (a :class:`~monai_wsi_ext.grid.PatchGrid`), sorted by slide id.
+        dicts with the meta fields plus ``grid`` (a :class:`~monai_wsi_ext.prep.grid.PatchGrid`), sorted by slide id.
     """
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
     out = []
@@ -541,3 +543,36 @@ class SlidePatchSource:
         state = dict(self.__dict__)
         state["_slide"] = None
         return state
+
+
+class E2ESlideDataset(Dataset):
+    """Slides for :class:`~monai_wsi_ext.engines.e2e.SurrogateE2ETrainer`: each item holds a patch source that
+    re-reads the slide's patches on demand with replayable training augmentation, and the grid rows/cols/labels.
+
+    Args:
+        prepared_dir: output of ``prepare_dataset``.
+        split: split(s) to use.
+        crop_size: random crop of the augmentation.
+        augment: the paper's augmentation (replayed from per-patch seeds) or the eval transform.
+        stain_normalize: Macenko normalisation.
+        backend: slide reader backend.
+    """
+
+    def __init__(self, prepared_dir: str, split: str | Sequence[str] | None = "training", crop_size: int | None = 224,
+                 augment: bool = True, stain_normalize: bool = False, backend: str = "auto", num_workers: int = 2):
+        self.slides = [m for m in load_prepared_slides(prepared_dir, split) if len(m["grid"]) > 0]
+        if not self.slides:
+            raise MonaiWsiExtError(f"{prepared_dir}: no prepared slides with patches for split {split!r}")
+        self.crop_size, self.augment, self.stain_normalize = crop_size, augment, stain_normalize
+        self.backend, self.num_workers = backend, num_workers
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def __getitem__(self, index: int) -> dict:
+        meta = self.slides[index]
+        grid = meta["grid"]
+        transform = make_patch_transform(self.augment, self.crop_size, self.stain_normalize)
+        return {"patch_source": SlidePatchSource.from_prepared(meta, transform, self.backend, self.num_workers),
+                "rows": torch.from_numpy(grid.rows), "cols": torch.from_numpy(grid.cols),
+                "labels": torch.from_numpy(grid.labels), "slide_id": meta["slide_id"]}

@@ -1,6 +1,6 @@
 """Evaluate a folder of heatmaps (any model or baseline) against the patch labels and, when given, truth masks.
 
-A heatmap folder is what :class:`~monai_wsi_ext.workflows.SlideInference` (and the baselines) write: one folder per
+A heatmap folder is what :class:`~monai_wsi_ext.inference.slides.SlideInference` (and the baselines) write: one folder per
 slide, ``<heatmap_dir>/<slide_id>/`` with
 
 * ``<slide_id>_prob.npy``: ``(H, W)`` tumor probability per grid cell, NaN off tissue;
@@ -39,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from monai_wsi_ext import metrics as M
+from monai_wsi_ext.utils import json_clean
+from monai_wsi_ext.evaluation import metrics as M
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
-from monai_wsi_ext.io_utils import write_json_atomic, write_text_atomic
+from monai_wsi_ext.io.atomic import write_json_atomic, write_text_atomic
 
 __all__ = [
     "PER_SLIDE_COLUMNS",
@@ -54,7 +55,6 @@ __all__ = [
     "patient_stages",
     "evaluate_heatmaps",
     "HeatmapEvaluator",
-    "json_clean",
     "METHOD_LABELS",
     "TABLE_COLUMNS",
     "COLORS",
@@ -256,7 +256,7 @@ def load_truth_mask(path: str | os.PathLike, slide_size: Sequence[int] | None = 
         mask_downsample: for pyramidal masks, read the coarsest level whose downsample does not exceed this; for
             polygons, rasterise at this downsample (Camelyon16's evaluation uses level 5, i.e. 32).
         tumor_values: label-mask pixel values meaning tumor.
-        class_map: class-name mapping for polygon files (see :func:`monai_wsi_ext.annotations.read_annotations`).
+        class_map: class-name mapping for polygon files (see :func:`monai_wsi_ext.io.annotations.read_annotations`).
 
     Returns:
         The :class:`TruthMask`.
@@ -265,7 +265,7 @@ def load_truth_mask(path: str | os.PathLike, slide_size: Sequence[int] | None = 
         ConfigError: ``slide_size`` is missing where needed, or the file type is unknown.
         AnnotationError: the file cannot be read.
     """
-    from monai_wsi_ext import annotations as ann
+    from monai_wsi_ext.io import annotations as ann
 
     path = Path(path)
     name = path.name.lower()
@@ -355,21 +355,6 @@ def patient_stages(slide_classes: Mapping[str, str], pattern: str = r"^(patient_
 # evaluation
 
 
-def json_clean(obj: Any) -> Any:
-    """A copy of ``obj`` with NaN/inf floats as None and numpy scalars/arrays as Python values (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_clean(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -401,9 +386,9 @@ def evaluate_heatmaps(
 ) -> dict[str, Any]:
     """Evaluate every heatmap of a folder; write the per-slide and overall metrics.
 
-    Per slide: :func:`monai_wsi_ext.metrics.evaluate_slide` (patch accuracy/PR-AUC/ROC-AUC with nolabel excluded,
+    Per slide: :func:`monai_wsi_ext.evaluation.metrics.evaluate_slide` (patch accuracy/PR-AUC/ROC-AUC with nolabel excluded,
     Dice, tumor points, slide score, Camelyon17 slide classes when the mpp is known). With truth masks the
-    ground-truth class is measured on the mask. Overall: :func:`monai_wsi_ext.metrics.summarize` (pooled and mean
+    ground-truth class is measured on the mask. Overall: :func:`monai_wsi_ext.evaluation.metrics.summarize` (pooled and mean
     patch metrics, slide AUC when both slide classes are present), the lesion FROC over the slides with a truth
     mask, and, when slide ids name Camelyon17 patients, pN-stages and their quadratic kappa.
 
@@ -420,7 +405,7 @@ def evaluate_heatmaps(
         class_map: class-name mapping for polygon truth files.
         missing_truth: with ``truth`` given, a slide without a truth file is ``"skip"``-ped by the FROC or counted
             as ``"negative"`` (an empty mask: Camelyon16's normal slides have no annotation).
-        froc_candidates: ``"components"`` or ``"nms"`` (:func:`monai_wsi_ext.metrics.heatmap_candidates`).
+        froc_candidates: ``"components"`` or ``"nms"`` (:func:`monai_wsi_ext.evaluation.metrics.heatmap_candidates`).
         nms_box_size: NMS box in cells for ``"nms"``.
         max_point_size: largest component counted as a tumor point (None: any size).
         reference_stages: Camelyon17 CSV of reference pN-stages (:func:`read_reference_stages`); without it the
@@ -672,7 +657,7 @@ def comparison_figure(heatmaps: Mapping[str, str | os.PathLike], output_png: str
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from monai_wsi_ext.io_utils import atomic_path
+    from monai_wsi_ext.io.atomic import atomic_path
 
     folders = {m: Path(p) for m, p in heatmaps.items()}
     common_ids = None
@@ -697,7 +682,7 @@ def comparison_figure(heatmaps: Mapping[str, str | os.PathLike], output_png: str
         thumb = None
         meta_path = Path(prepared_dir) / sid / "meta.json" if prepared_dir is not None else None
         if meta_path is not None and meta_path.is_file():
-            from monai_wsi_ext.wsi import open_slide
+            from monai_wsi_ext.io.wsi import open_slide
 
             meta = json.loads(meta_path.read_text())
             try:

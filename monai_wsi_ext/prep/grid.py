@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_wsi_ext.io_utils import atomic_path
+from monai_wsi_ext.io.atomic import atomic_path
 
 __all__ = ["PatchLabel", "PatchGrid", "cell_fractions", "make_grid", "label_cells", "write_patch_table",
            "read_patch_table", "PATCH_TABLE_COLUMNS"]

@@ -7,7 +7,7 @@
   ignored by the loss), i.e. the same supervision every other method sees. :class:`SegmentationPredictor`
   predicts the whole image with a sliding window and maps the tumor probability back onto the patch grid as the
   mean over each cell's pixels, then writes the same heatmap folder as
-  :class:`~monai_wsi_ext.workflows.SlideInference`, so the same evaluation applies.
+  :class:`~monai_wsi_ext.inference.slides.SlideInference`, so the same evaluation applies.
 * **Frozen features**: an encoder never trained on patches (random init, or ``pretrained_path`` weights for the
   backbone), frozen, whose canvases train the U-Net. :func:`frozen_encoder` builds it from its own seed, so that
   feature extraction and inference get identical weights in any process and whatever else drew random numbers
@@ -32,10 +32,10 @@ import torch
 from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import Dataset
 
-from monai_wsi_ext.canvas import IGNORE_INDEX
-from monai_wsi_ext.data import load_prepared_slides
+from monai_wsi_ext.model.canvas import IGNORE_INDEX
+from monai_wsi_ext.data.patches import load_prepared_slides
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
-from monai_wsi_ext.io_utils import write_json_atomic
+from monai_wsi_ext.io.atomic import write_json_atomic
 
 __all__ = [
     "frozen_encoder",
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 def frozen_encoder(seed: int = 0, **encoder_kwargs: Any) -> torch.nn.Module:
-    """A :class:`~monai_wsi_ext.networks.PatchEncoder` whose random layers come from ``seed`` alone.
+    """A :class:`~monai_wsi_ext.model.networks.PatchEncoder` whose random layers come from ``seed`` alone.
 
     The global torch RNG is forked, seeded, used for the construction and restored, so the weights do not depend
     on what ran before (e.g. whether the U-Net was built first). ``pretrained_path`` in ``encoder_kwargs`` loads
@@ -59,13 +59,13 @@ def frozen_encoder(seed: int = 0, **encoder_kwargs: Any) -> torch.nn.Module:
 
     Args:
         seed: seed of the random initialisation.
-        encoder_kwargs: :class:`~monai_wsi_ext.networks.PatchEncoder` arguments (``backbone``, ``feature_dim``,
+        encoder_kwargs: :class:`~monai_wsi_ext.model.networks.PatchEncoder` arguments (``backbone``, ``feature_dim``,
             ``num_classes``, ``pretrained_path``...).
 
     Returns:
         The encoder in eval mode with ``requires_grad`` off (frozen).
     """
-    from monai_wsi_ext.networks import PatchEncoder
+    from monai_wsi_ext.model.networks import PatchEncoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
@@ -97,7 +97,7 @@ def read_grid_image(meta: dict, downsample: float, backend: str = "auto", strip_
     rows and resized with a box filter, so a whole level is never held in memory.
 
     Args:
-        meta: a prepared slide (:func:`monai_wsi_ext.data.load_prepared_slides`).
+        meta: a prepared slide (:func:`monai_wsi_ext.data.patches.load_prepared_slides`).
         downsample: level-0 pixels per image pixel.
         backend: slide reader backend.
         strip_cells: grid rows per read.
@@ -107,7 +107,7 @@ def read_grid_image(meta: dict, downsample: float, backend: str = "auto", strip_
     """
     from PIL import Image
 
-    from monai_wsi_ext.wsi import open_slide
+    from monai_wsi_ext.io.wsi import open_slide
 
     grid = meta["grid"]
     cell = float(grid.cell_size)
@@ -228,7 +228,7 @@ class SlideImageDataset(Dataset):
 
 class SegmentationPredictor:
     """Segmentation-only heatmaps: the U-Net over each downsampled slide, mean tumor probability per grid cell,
-    written like :class:`~monai_wsi_ext.workflows.SlideInference` (``<output_dir>/<id>/<id>_prob.npy``,
+    written like :class:`~monai_wsi_ext.inference.slides.SlideInference` (``<output_dir>/<id>/<id>_prob.npy``,
     ``_labels.npy``, PNG/TIFF/GeoJSON/overlay and ``_record.json``; ``inference_summary.json``).
 
     Args:
@@ -277,12 +277,12 @@ class SegmentationPredictor:
         Raises:
             MonaiWsiExtError: at the end, when any slide failed.
         """
-        from monai_wsi_ext.networks import read_state_dict
-        from monai_wsi_ext.wsi import open_slide
-        from monai_wsi_ext.writers import write_slide_outputs
+        from monai_wsi_ext.model.networks import load_checkpoint
+        from monai_wsi_ext.io.wsi import open_slide
+        from monai_wsi_ext.outputs.writers import write_slide_outputs
 
         if self.checkpoint:
-            self.network.load_state_dict(read_state_dict(self.checkpoint))
+            load_checkpoint(self.network, self.checkpoint, option="seg_ckpt")
         self.network.to(self.device).eval()
         slides = load_prepared_slides(self.prepared_dir, self.split)
         if not slides:

@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from monai_wsi_ext.io_utils import write_json_atomic, write_text_atomic
+from monai_wsi_ext.io.atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["cached_synthetic_slide", "passive_omp_policy", "replace_section"]
 
@@ -37,7 +37,7 @@ def cached_synthetic_slide(work_dir: str | os.PathLike, size: int, patch_size: i
                            tumor_regions: int = 3) -> Path:
     """Generate a ``size`` x ``size`` synthetic slide once and reuse it while the seed and settings are unchanged
     (a JSON stamp next to the slide records them)."""
-    from monai_wsi_ext.synthetic import SyntheticSlideConfig, generate_slide
+    from monai_wsi_ext.testing.synthetic import SyntheticSlideConfig, generate_slide
 
     work_dir = Path(work_dir)
     cfg = SyntheticSlideConfig(width=size, height=size, patch_size=patch_size, n_lumps=n_lumps,

@@ -39,7 +39,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from monai_wsi_ext.errors import AnnotationError, ConfigError
-from monai_wsi_ext.io_utils import write_text_atomic
+from monai_wsi_ext.io.atomic import write_text_atomic
 
 __all__ = [
     "ANNOTATION_FORMATS",
