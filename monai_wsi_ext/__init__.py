@@ -1,9 +1,11 @@
 """monai_wsi_ext: the extension package of the monai-wsi-canvas bundle.
 
-Whole-slide reading with backend fallback (``wsi``), tissue detection (``tissue``), the labelled patch grid (``grid``,
-``annotations``, ``prepare``), synthetic slides (``synthetic``), patch data (``data``), encoders and the canvas U-Net
-(``networks``, ``canvas``), separate and surrogate-loss end-to-end training (``engines``, ``workflows``), heatmap
-writers (``writers``), metrics and evaluation (``metrics``, ``evaluation``, ``baselines``).
+Sub-packages follow the pipeline's stages: ``io`` (slide reading, annotations, atomic writes), ``prep`` (tissue,
+patch grid, prepared slides), ``data`` (transforms, patch and canvas datasets), ``model`` (networks, the canvas, the
+single prediction path), ``engines`` (end-to-end training, slide evaluators), ``inference`` (feature extraction,
+slide inference), ``outputs`` (maps, TIFF, GeoJSON, run records), ``evaluation`` (metrics, reports), ``baselines``,
+``export`` and ``deploy``. ``testing`` (the synthetic slide generator, benchmark helpers) serves the demo, tests
+and benchmarks and is not imported by the runtime.
 
 Modules are imported on demand (``import monai_wsi_ext.model.canvas``) so that this package imports without torch-heavy
 work; bundle configs name classes by dotted path.

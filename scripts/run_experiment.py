@@ -7,7 +7,7 @@ Example:
     python scripts/run_experiment.py run --seeds "[0,1]" --n_train 4 --encoder_epochs 2 --tumor_points 8
 
 Every training and inference stage is the bundle's own config run through ``monai.bundle.run`` (the commands of
-``bundle/docs/README.md``), with the sizes of the experiment preset as overrides; the script only chains them,
+``bundle/docs/paper_comparison.md``), with the sizes of the experiment preset as overrides; the script only chains them,
 then writes ``results.json``, ``results.md`` (mean ± sd over seeds) and ``figure.png`` (per test slide: the slide,
 its ground-truth map and every method's map, as the paper's Figure 5).
 """
