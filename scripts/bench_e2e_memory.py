@@ -217,7 +217,8 @@ def measure(spec: dict) -> dict:
 
     torch.set_num_threads(int(spec.get("threads", 2)))
     from monai_wsi_ext.model.canvas import plan_canvases
-    from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+    from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
     from monai_wsi_ext.engines.e2e import draw_seeds, e2e_step
     from monai_wsi_ext.model.networks import PatchEncoder, canvas_loss, make_unet
 
@@ -231,7 +232,7 @@ def measure(spec: dict) -> dict:
     dev = torch.device("cuda" if dev_name == "auto" and torch.cuda.is_available() else
                        ("cpu" if dev_name == "auto" else dev_name))
     meta = load_prepared_slides(spec["prepared_dir"])[0]
-    grid = meta["grid"]
+    grid = meta.grid
     n_cells = len(grid)
     if n_cells == 0:
         raise RuntimeError(f"{spec['prepared_dir']}: the prepared slide has no tissue cells")
@@ -456,10 +457,10 @@ def benchmark(quick: bool = False, sizes: Sequence[int] = (1000, 4000, 16000), p
             group["rows"].append(row)
         res["groups"].append(group)
     try:
-        from monai_wsi_ext.data.patches import load_prepared_slides
+        from monai_wsi_ext.prep.prepare import load_prepared_slides
 
         res["slide_cells"] = {g["read_size"]: len(load_prepared_slides(_prepare(slide, work, g["read_size"],
-                                                                                backend))[0]["grid"])
+                                                                                backend))[0].grid)
                               for g in res["groups"]}
     except Exception:  # noqa: BLE001 - informative only
         pass

@@ -32,7 +32,6 @@ behaviour.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import platform
@@ -242,7 +241,8 @@ def slide_benchmark(
         ``read_s``, per-slide ``slide_inner_s`` (as SlideInference reports it), every round, and ``ratio``
         (``slide_s / encoder_s``).
     """
-    from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+    from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
     from monai_wsi_ext.model.networks import PatchEncoder, make_unet
     from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, prepare_dataset
     from monai_wsi_ext.inference.slides import SlideInference
@@ -256,7 +256,7 @@ def slide_benchmark(
     if summary["failed"]:
         raise RuntimeError(f"preparing {slide} failed: {summary['failed']}")
     meta = load_prepared_slides(prepared)[0]
-    grid = meta["grid"]
+    grid = meta.grid
     n = len(grid)
     canvas_size = -(-max(grid.shape) // 16) * 16
 

@@ -294,10 +294,11 @@ def standin(output_dir: str = "camelyon16_standin", annotation: str = str(SHARED
         results[truth] = json.loads((out / f"metrics_{truth}" / "metrics_overall.json").read_text())
     # 7. encoder throughput alone (reading + 224 px crops + GoogLeNet features), the number behind the runtime
     # estimate of a real slide in the docs
-    from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+    from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
     from monai_wsi_ext.model.predict import encode_slide
 
-    meta = next(m for m in load_prepared_slides(out / "prepared") if m["slide_id"] == slide_id)
+    meta = next(m for m in load_prepared_slides(out / "prepared") if m.slide_id == slide_id)
     source = SlidePatchSource.from_prepared(meta, make_patch_transform(False, parser.get_parsed_content("crop_size")))
     enc.to(memory_format=torch.channels_last)
     t = time.perf_counter()

@@ -73,13 +73,13 @@ def _choose_threads(threads: int | None) -> int:
 
 def _subset_prepared(prepared: Path, dest: Path, n_train: int) -> Path:
     """A prepared folder with the first ``n_train`` training slides and all validation slides (for end-to-end)."""
-    from monai_wsi_ext.data.patches import load_prepared_slides
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
 
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    train = [m["slide_id"] for m in load_prepared_slides(prepared, "training")][: max(int(n_train), 1)]
-    val = [m["slide_id"] for m in load_prepared_slides(prepared, "validation")]
+    train = [m.slide_id for m in load_prepared_slides(prepared, "training")][: max(int(n_train), 1)]
+    val = [m.slide_id for m in load_prepared_slides(prepared, "validation")]
     for sid in train + val:
         shutil.copytree(prepared / sid, dest / sid)
     return dest
@@ -230,6 +230,7 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
     import torch
 
     from monai_wsi_ext.evaluation.report import comparison_figure, markdown_table, summarize_runs
+
     from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
     from monai_wsi_ext.testing.synthetic import generate_dataset
 

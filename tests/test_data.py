@@ -17,9 +17,9 @@ from monai_wsi_ext.data.patches import (
     adjust_colour_batch,
     balanced_sampler,
     load_datalist,
-    load_prepared_slides,
     make_patch_transform,
 )
+from monai_wsi_ext.prep.prepare import load_prepared_slides
 
 
 def _raw(n=6, size=32, seed=0):
@@ -116,7 +116,7 @@ def test_slide_patch_source_rereads_same_pixels(prepared_dataset):
     a, b = src.load(idx, seeds), src.load(idx, seeds)
     assert a.shape == (4, 3, 56, 56) and torch.equal(a, b)
     # the raw reads follow the patch table: cell (row, col) at level-0 (x, y) = (col, row) * cell size
-    grid = meta["grid"]
+    grid = meta.grid
     raw = src.read_raw([5])
     direct = src.slide.read_region(int(grid.x[5]), int(grid.y[5]), 64, 64, 0)
     assert np.array_equal(raw[0], direct)

@@ -46,8 +46,8 @@ def _workflow(configs: list[str], **overrides):
 def test_grid_image_labels_and_cell_means(tiny):
     from monai_wsi_ext.baselines.segmentation import SlideImageDataset, cell_means, label_image, pixels_per_cell
     from monai_wsi_ext.model.canvas import IGNORE_INDEX
-    from monai_wsi_ext.data.patches import load_prepared_slides
     from monai_wsi_ext.errors import ConfigError
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
 
     assert pixels_per_cell(64, 8) == 8 and pixels_per_cell(256, 8) == 32
     with pytest.raises(ConfigError, match="whole number"):
@@ -64,11 +64,11 @@ def test_grid_image_labels_and_cell_means(tiny):
     assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
     assert set(torch.unique(item["label"]).tolist()) <= {IGNORE_INDEX, 0, 1}
     whole = SlideImageDataset(str(tiny / "prepared"), "training", downsample=8, train=False)[0]
-    rows, cols = meta["grid"].shape
+    rows, cols = meta.grid.shape
     assert whole["image"].shape == (3, rows * 8, cols * 8)
     # the label image is the grid's labels, block for block
-    assert np.array_equal(whole["label"].numpy()[::8, ::8], np.where(meta["grid"].label_grid() < 0, IGNORE_INDEX,
-                                                                      meta["grid"].label_grid()))
+    assert np.array_equal(whole["label"].numpy()[::8, ::8], np.where(meta.grid.label_grid() < 0, IGNORE_INDEX,
+                                                                      meta.grid.label_grid()))
 
 
 def test_segmentation_baseline_config_trains_and_writes_prob_grids(tiny):
@@ -83,12 +83,12 @@ def test_segmentation_baseline_config_trains_and_writes_prob_grids(tiny):
     heat = out / "heatmaps_segmentation"
     summary = json.loads((heat / "inference_summary.json").read_text())
     assert summary["failed"] == {} and list(summary["slides"]) == ["test_000"]
-    from monai_wsi_ext.data.patches import load_prepared_slides
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
 
     meta = load_prepared_slides(tiny / "prepared", "test")[0]
     prob = np.load(heat / "test_000" / "test_000_prob.npy")
     labels = np.load(heat / "test_000" / "test_000_labels.npy")
-    assert prob.shape == labels.shape == tuple(meta["grid"].shape)
+    assert prob.shape == labels.shape == tuple(meta.grid.shape)
     on_grid = labels != -2
     assert np.isfinite(prob[on_grid]).all() and np.isnan(prob[~on_grid]).all()
     assert ((prob[on_grid] >= 0) & (prob[on_grid] <= 1)).all()
@@ -101,7 +101,8 @@ def test_segmentation_baseline_config_trains_and_writes_prob_grids(tiny):
 
 def test_frozen_encoder_is_seeded_and_extraction_uses_it(tiny):
     from monai_wsi_ext.baselines.segmentation import frozen_encoder
-    from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+    from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
     from monai_wsi_ext.model.predict import encode_slide
     from monai_wsi_ext.data.features import load_feature_file
 

@@ -33,7 +33,8 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import Dataset
 
 from monai_wsi_ext.model.canvas import IGNORE_INDEX
-from monai_wsi_ext.data.patches import load_prepared_slides
+
+from monai_wsi_ext.prep.prepare import load_prepared_slides
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.io.atomic import write_json_atomic
 
@@ -109,13 +110,13 @@ def read_grid_image(meta: dict, downsample: float, backend: str = "auto", strip_
 
     from monai_wsi_ext.io.wsi import open_slide
 
-    grid = meta["grid"]
+    grid = meta.grid
     cell = float(grid.cell_size)
     ppc = pixels_per_cell(cell, downsample)
     rows, cols = grid.shape
     out = np.empty((rows * ppc, cols * ppc, 3), np.uint8)
-    mpp = meta.get("mpp") if meta.get("mpp_source") == "user" else None
-    with open_slide(meta["image"], backend=backend, mpp=mpp) as slide:
+    mpp = meta.reader_mpp
+    with open_slide(meta.image, backend=backend, mpp=mpp) as slide:
         level = slide.best_level_for_downsample(downsample)
         lds = float(slide.level_downsamples[level])
         lw, lh = slide.level_dimensions[level]
@@ -181,12 +182,12 @@ class SlideImageDataset(Dataset):
         self.items = []
         t0 = time.perf_counter()
         for meta in load_prepared_slides(prepared_dir, split):
-            if len(meta["grid"]) == 0:
+            if len(meta.grid) == 0:
                 continue
-            ppc = pixels_per_cell(meta["grid"].cell_size, downsample)
+            ppc = pixels_per_cell(meta.grid.cell_size, downsample)
             image = read_grid_image(meta, downsample, backend)
-            label = label_image(meta["grid"].label_grid(), ppc)
-            self.items.append({"slide_id": meta["slide_id"], "image": image, "label": label,
+            label = label_image(meta.grid.label_grid(), ppc)
+            self.items.append({"slide_id": meta.slide_id, "image": image, "label": label,
                                "labelled": np.argwhere(label != IGNORE_INDEX)})
         if not self.items:
             raise MonaiWsiExtError(f"{prepared_dir}: no prepared slide with patches for split {split!r} "
@@ -290,20 +291,20 @@ class SegmentationPredictor:
         results, failed = {}, {}
         weights = {"segmentation_unet": self.checkpoint} if self.checkpoint else None
         for meta in slides:
-            sid = meta["slide_id"]
+            sid = meta.slide_id
             try:
                 t0 = time.perf_counter()
-                grid = meta["grid"]
+                grid = meta.grid
                 ppc = pixels_per_cell(grid.cell_size, self.downsample)
                 image = read_grid_image(meta, self.downsample, self.backend)
                 probs = cell_means(self.predict_image(image), ppc, grid.shape)
                 pgrid = np.full(grid.shape, np.nan, np.float32)
                 pgrid[grid.rows, grid.cols] = probs[grid.rows, grid.cols]
-                mpp = meta.get("mpp") if meta.get("mpp_source") == "user" else None
-                with open_slide(meta["image"], backend=self.backend, mpp=mpp) as slide:
+                mpp = meta.reader_mpp
+                with open_slide(meta.image, backend=self.backend, mpp=mpp) as slide:
                     thumb, thumb_ds = slide.thumbnail(max_size=2048)
                 out = write_slide_outputs(self.output_dir / sid, sid, pgrid, grid.cell_size,
-                                          tuple(meta["dimensions"]), meta.get("mpp"), thumb, thumb_ds,
+                                          meta.dimensions, meta.mpp, thumb, thumb_ds,
                                           threshold=self.threshold, config=self.config, weights=weights)
                 np.save(self.output_dir / sid / f"{sid}_labels.npy", grid.label_grid())
                 results[sid] = {"slide_score": out["slide_score"], "n_patches": len(grid),

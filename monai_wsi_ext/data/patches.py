@@ -24,7 +24,8 @@ from monai.transforms import Randomizable
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from monai_wsi_ext.errors import MonaiWsiExtError
-from monai_wsi_ext.prep.grid import PatchLabel, read_patch_table
+from monai_wsi_ext.prep.grid import PatchLabel
+from monai_wsi_ext.prep.prepare import PreparedSlide, load_prepared_slides
 from monai_wsi_ext.io.wsi import Slide, open_slide
 
 __all__ = [
@@ -39,9 +40,9 @@ __all__ = [
     "PatchDataset",
     "balanced_sampler",
     "load_datalist",
-    "load_prepared_slides",
     "SlidePatchSource",
     "E2ESlideDataset",
+    "slide_item",
 ]
 
 logger = logging.getLogger(__name__)
@@ -360,25 +361,6 @@ def load_datalist(path: str | os.PathLike, key: str | Sequence[str] = "training"
     return [item for k in keys for item in data[k]]
 
 
-def load_prepared_slides(prepared_dir: str | os.PathLike, split: str | Sequence[str] | None = None) -> list[dict]:
-    """Prepared slides (``meta.json`` + patch table) of a ``prepare_dataset`` output folder.
-
-    Returns:
-        dicts with the meta fields plus ``grid`` (a :class:`~monai_wsi_ext.prep.grid.PatchGrid`), sorted by slide id.
-    """
-    splits = None if split is None else ({split} if isinstance(split, str) else set(split))
-    out = []
-    for meta_path in sorted(Path(prepared_dir).glob("*/meta.json")):
-        meta = json.loads(meta_path.read_text())
-        if splits is not None and meta.get("split") not in splits:
-            continue
-        meta["grid"] = read_patch_table(meta_path.parent / "patches.csv", shape=tuple(meta["grid_shape"]),
-                                        cell_size=meta["cell_size"])
-        meta["dir"] = str(meta_path.parent)
-        out.append(meta)
-    return out
-
-
 def _shares_memory(t: torch.Tensor, arr: np.ndarray) -> bool:
     """Whether a tensor's storage overlaps a numpy array's buffer."""
     if t.device.type != "cpu" or t.numel() == 0 or arr.size == 0:
@@ -447,10 +429,13 @@ class SlidePatchSource:
         self._slide: Slide | None = None
 
     @classmethod
-    def from_prepared(cls, meta: dict, transform=None, backend: str = "auto", num_workers: int = 2):
-        grid = meta["grid"]
-        return cls(meta["image"], grid.x, grid.y, grid.level, grid.patch_size, transform, backend,
-                   meta.get("mpp") if meta.get("mpp_source") == "user" else None, num_workers)
+    def from_prepared(cls, prepared: PreparedSlide, transform=None, backend: str = "auto", num_workers: int = 2):
+        """The patches of a prepared slide; a slide the preparation left open is read through, not reopened."""
+        grid = prepared.grid
+        source = cls(prepared.image, grid.x, grid.y, grid.level, grid.patch_size, transform, backend,
+                     prepared.reader_mpp, num_workers)
+        source._slide = prepared.slide
+        return source
 
     def __len__(self) -> int:
         return len(self.locations)
@@ -560,7 +545,7 @@ class E2ESlideDataset(Dataset):
 
     def __init__(self, prepared_dir: str, split: str | Sequence[str] | None = "training", crop_size: int | None = 224,
                  augment: bool = True, stain_normalize: bool = False, backend: str = "auto", num_workers: int = 2):
-        self.slides = [m for m in load_prepared_slides(prepared_dir, split) if len(m["grid"]) > 0]
+        self.slides = [m for m in load_prepared_slides(prepared_dir, split) if len(m.grid) > 0]
         if not self.slides:
             raise MonaiWsiExtError(f"{prepared_dir}: no prepared slides with patches for split {split!r}")
         self.crop_size, self.augment, self.stain_normalize = crop_size, augment, stain_normalize
@@ -570,9 +555,14 @@ class E2ESlideDataset(Dataset):
         return len(self.slides)
 
     def __getitem__(self, index: int) -> dict:
-        meta = self.slides[index]
-        grid = meta["grid"]
+        prepared = self.slides[index]
         transform = make_patch_transform(self.augment, self.crop_size, self.stain_normalize)
-        return {"patch_source": SlidePatchSource.from_prepared(meta, transform, self.backend, self.num_workers),
-                "rows": torch.from_numpy(grid.rows), "cols": torch.from_numpy(grid.cols),
-                "labels": torch.from_numpy(grid.labels), "slide_id": meta["slide_id"]}
+        return slide_item(prepared, SlidePatchSource.from_prepared(prepared, transform, self.backend, self.num_workers))
+
+
+def slide_item(prepared: PreparedSlide, source: SlidePatchSource) -> dict:
+    """The per-slide item of the slide-level engines (end-to-end training, validation, inference): the patch
+    source and the grid rows/cols/labels as tensors, the slide id and the prepared slide."""
+    grid = prepared.grid
+    return {"patch_source": source, "rows": torch.from_numpy(grid.rows), "cols": torch.from_numpy(grid.cols),
+            "labels": torch.from_numpy(grid.labels), "slide_id": prepared.slide_id, "prepared": prepared}

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from monai.engines import Evaluator
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator
 from monai.utils.enums import CommonKeys as Keys
 
+from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.model.canvas import IGNORE_INDEX
-from monai_wsi_ext.model.predict import canvas_probabilities, encode_slide
+from monai_wsi_ext.model.predict import CanvasInferer
 from monai_wsi_ext.prep.grid import PatchLabel
 
-__all__ = ["tumor_probability", "labelled_cells", "SlideEvaluator"]
+__all__ = ["tumor_probability", "labelled_cells", "labelled_patches", "SlideEvaluator"]
+
+logger = logging.getLogger(__name__)
 
 
 def tumor_probability(data: dict) -> dict:
@@ -37,37 +43,88 @@ def labelled_cells(data: dict) -> dict:
     return d
 
 
-class SlideEvaluator(Evaluator):
-    """Validation of encoder + canvas U-Net together, one slide per iteration: the current encoder encodes every
-    patch, the U-Net runs over the whole grid (sliding window when larger than ``canvas_size``), and the output
-    holds the labelled patches' tumor probabilities (``pred``) and labels (``label``) for patch-level metrics.
+def labelled_patches(data: dict) -> dict:
+    """Post-transform for :class:`SlideEvaluator`: the per-patch tumor probabilities of the inferer (``pred``
+    ``{"probs": ...}``) and the slide item's grid labels (``image["labels"]``) -> ``pred`` (n,) and ``label`` (n,)
+    of the labelled patches only, for accuracy and PR-AUC."""
+    d = dict(data)
+    labels = torch.as_tensor(d[Keys.IMAGE]["labels"]).long()
+    probs = torch.as_tensor(d[Keys.PRED]["probs"])
+    keep = labels != PatchLabel.NOLABEL
+    d[Keys.PRED], d[Keys.LABEL] = probs[keep], labels[keep]
+    return d
+
+
+def _slide_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):
+    """``prepare_batch`` of :class:`SlideEvaluator`: the slide item is the input (its patches are read by the
+    inferer), there is no target tensor."""
+    return batchdata, None
+
+
+class SlideEvaluator(SupervisedEvaluator):
+    """One slide per iteration through a slide inferer (:class:`~monai_wsi_ext.model.predict.CanvasInferer`):
+    the evaluator of inference (``inference.json``) and of end-to-end validation alike.
+
+    The input of an iteration is a slide item (:func:`~monai_wsi_ext.data.patches.slide_item`); ``pred`` is the
+    inferer's output. A slide that fails (unreadable, no patches, ...) is recorded in ``state.failed`` (slide id
+    -> reason) and, with ``on_failure="skip"``, the run goes on with the next slide; a dataset item with an
+    ``error`` key (the slide could not even be prepared) is recorded the same way. The slide's patch source is
+    closed once its iteration and handlers are done.
 
     Args:
         device: compute device.
-        val_data_loader: loader over :class:`E2ESlideDataset` items (``augment=False``), ``batch_size=1``,
-            ``collate_fn=slide_collate``.
-        encoder: patch encoder.
-        unet: canvas U-Net.
-        canvas_size: the U-Net's canvas size.
-        canvas_mode: ``slide`` or ``lumps``.
-        batch_size: patches per encoder call.
-        kwargs: passed to MONAI's ``Evaluator`` (key_val_metric, val_handlers, ...).
+        val_data_loader: loader of slide items, ``batch_size=1``, ``collate_fn=slide_collate``.
+        network: the canvas U-Net (the encoder in ``classifier`` mode).
+        inferer: a slide inferer; when None, a :class:`CanvasInferer` over ``encoder`` is built with
+            ``canvas_size``, ``canvas_mode``, ``batch_size`` (end-to-end validation: the current encoder).
+        encoder: patch encoder, with ``inferer=None``.
+        unet: alias of ``network``.
+        canvas_size, canvas_mode, batch_size: see :class:`CanvasInferer`, with ``inferer=None``.
+        postprocessing: post-transform of the output; with ``inferer=None`` defaults to :func:`labelled_patches`.
+        on_failure: ``raise`` (validation: a slide that cannot be evaluated stops the run) or ``skip``
+            (inference: record it and go on).
+        kwargs: passed to MONAI's ``SupervisedEvaluator`` (key_val_metric, val_handlers, ...).
     """
 
-    def __init__(self, device, val_data_loader, encoder, unet, canvas_size: int = 512, canvas_mode: str = "slide",
-                 batch_size: int = 64, **kwargs):
+    def __init__(self, device, val_data_loader, network=None, inferer=None, encoder=None, unet=None,
+                 canvas_size: int = 512, canvas_mode: str = "slide", batch_size: int = 64, postprocessing=None,
+                 on_failure: str = "raise", **kwargs):
+        if on_failure not in ("raise", "skip"):
+            raise ConfigError(f"`on_failure` must be 'raise' or 'skip', got {on_failure!r}.")
+        network = network if network is not None else unet
+        if inferer is None:
+            if encoder is None or network is None:
+                raise ConfigError("SlideEvaluator needs an `inferer`, or an `encoder` and a `network`/`unet`.")
+            inferer = CanvasInferer(encoder, canvas_size, canvas_mode, batch_size, channels_last=False)
+            postprocessing = postprocessing if postprocessing is not None else labelled_patches
         kwargs.setdefault("decollate", False)
-        super().__init__(device=device, val_data_loader=val_data_loader, **kwargs)
-        self.encoder, self.unet = encoder, unet
-        self.canvas_size, self.canvas_mode, self.batch_size = canvas_size, canvas_mode, batch_size
+        super().__init__(device=device, val_data_loader=val_data_loader, network=network, inferer=inferer,
+                         prepare_batch=_slide_batch, postprocessing=postprocessing, **kwargs)
+        self.on_failure = on_failure
+        self.state.failed = {}
+        # after the handlers given above (the writers may still read the slide, e.g. its thumbnail)
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._close_slide)
 
     def _iteration(self, engine, batchdata):
         item = batchdata[0] if isinstance(batchdata, (list, tuple)) else batchdata
-        source = item["patch_source"]
-        feats, _ = encode_slide(self.encoder, source, self.batch_size, engine.state.device, channels_last=False,
-                                with_probs=False)
-        probs = canvas_probabilities(self.unet, feats, item["rows"], item["cols"], self.canvas_size,
-                                     self.canvas_mode, engine.state.device)
-        labels = item["labels"].numpy()
-        keep = labels != PatchLabel.NOLABEL
-        return {Keys.PRED: torch.from_numpy(probs[keep]), Keys.LABEL: torch.from_numpy(labels[keep])}
+        sid = item.get("slide_id")
+        try:
+            if item.get("error"):
+                raise MonaiWsiExtError(item["error"])
+            return super()._iteration(engine, item)
+        except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:
+            if self.on_failure == "raise":
+                raise
+            reason = str(e) if item.get("error") else f"{type(e).__name__}: {e}"
+            engine.state.failed[sid] = reason
+            logger.error("%s: inference failed, skipped (%s)", sid, reason)
+            engine.state.output = {Keys.IMAGE: item, Keys.PRED: None, "failed": reason}
+            return engine.state.output
+
+    @staticmethod
+    def _close_slide(engine) -> None:
+        item = engine.state.batch[0] if isinstance(engine.state.batch, (list, tuple)) else engine.state.batch
+        for key in ("patch_source", "prepared"):
+            obj = item.get(key) if isinstance(item, dict) else None
+            if obj is not None:
+                obj.close()

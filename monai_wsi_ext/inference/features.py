@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform
+
+from monai_wsi_ext.prep.prepare import load_prepared_slides
 from monai_wsi_ext.errors import MonaiWsiExtError
 from monai_wsi_ext.io.atomic import atomic_path, write_json_atomic
 from monai_wsi_ext.model.predict import encode_slide
@@ -88,9 +90,9 @@ class FeatureExtractor:
         transform = make_patch_transform(False, self.crop_size, self.stain_normalize)
         done, skipped, failed = [], [], {}
         for meta in slides:
-            sid = meta["slide_id"]
+            sid = meta.slide_id
             out = self.output_dir / f"{sid}.npz"
-            table_sha = file_sha256(Path(meta["dir"]) / "patches.csv")
+            table_sha = file_sha256(Path(meta.dir) / "patches.csv")
             cache_key = hashlib.sha256(f"{key}:{table_sha}".encode()).hexdigest()
             if out.exists() and not self.overwrite:
                 try:
@@ -102,7 +104,7 @@ class FeatureExtractor:
                     pass
             try:
                 t0 = time.perf_counter()
-                grid = meta["grid"]
+                grid = meta.grid
                 source = SlidePatchSource.from_prepared(meta, transform, self.backend, self.num_workers)
                 feats, probs = encode_slide(self.encoder, source, self.batch_size, self.device, self.channels_last)
                 source.close()
@@ -110,9 +112,9 @@ class FeatureExtractor:
                     with open(tmp, "wb") as f:
                         np.savez(f, features=feats, probs=probs, rows=grid.rows, cols=grid.cols, labels=grid.labels,
                                  grid_shape=np.asarray(grid.shape), cell_size=np.float64(grid.cell_size),
-                                 split=np.str_(meta.get("split", "")), slide_id=np.str_(sid),
-                                 image=np.str_(meta["image"]), mpp=np.float64(meta["mpp"] or np.nan),
-                                 dimensions=np.asarray(meta["dimensions"]), cache_key=np.str_(cache_key))
+                                 split=np.str_(meta.split), slide_id=np.str_(sid),
+                                 image=np.str_(meta.image), mpp=np.float64(meta.mpp or np.nan),
+                                 dimensions=np.asarray(meta.dimensions), cache_key=np.str_(cache_key))
                 logger.info("%s: %d patches encoded in %.1f s", sid, len(grid), time.perf_counter() - t0)
                 done.append(sid)
             except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:

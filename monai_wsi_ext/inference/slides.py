@@ -1,60 +1,124 @@
-"""Slide inference: slides -> tissue, patch grid, features, canvas U-Net -> heatmaps and records."""
+"""Slide inference: slides -> tissue, patch grid (in memory) -> encoder -> canvas U-Net -> heatmaps and records.
+
+The pieces are declared in ``bundle/configs/inference.json`` (reader, patch transform, :class:`SlideDataset`,
+encoder and U-Net, :class:`~monai_wsi_ext.model.predict.CanvasInferer`, the
+:class:`~monai_wsi_ext.engines.evaluators.SlideEvaluator` and its handlers); :class:`SlideInference` builds the same
+pieces from Python (the exported-model path, the Deploy application and the benchmarks use it).
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from monai_wsi_ext.data.patches import SlidePatchSource, load_prepared_slides, make_patch_transform
+from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform, slide_item
+from monai_wsi_ext.engines.e2e import slide_collate
+from monai_wsi_ext.engines.evaluators import SlideEvaluator
+from monai_wsi_ext.engines.handlers import StrictCheckpointLoader
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
-from monai_wsi_ext.io.atomic import write_json_atomic
-from monai_wsi_ext.model.predict import canvas_probabilities, encode_slide, prob_grid
+from monai_wsi_ext.io.wsi import SlideReader
+from monai_wsi_ext.model.predict import CanvasInferer
+from monai_wsi_ext.outputs.handlers import HeatmapWriter, InferenceSummary
+from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, collect_inputs, load_prepared_slides, \
+    prepare_in_memory
 from monai_wsi_ext.utils import resolve_device, split_set
 
-__all__ = ["SlideInference"]
+__all__ = ["SlideDataset", "SlideInference"]
 
 logger = logging.getLogger(__name__)
 
 
-class SlideInference:
-    """Slides -> tumor heatmaps: tissue and patch grid (prepared on the fly unless a prepared folder is given),
-    patch features streamed through the encoder with reading overlapped, the canvas U-Net over the whole grid,
-    then per slide ``.npy``/PNG maps, an aligned pyramidal TIFF, an overlay, a QuPath GeoJSON of tumor regions,
-    a slide score and a run record (:func:`monai_wsi_ext.outputs.writers.write_slide_outputs`).
+class SlideDataset(Dataset):
+    """One item per slide for the slide evaluator: new slides are prepared in memory (tissue, grid, labels when
+    an annotation is found; nothing written), a prepared folder is read as it is.
 
-    A slide that fails is reported in ``inference_summary.json`` and the others go on; ``run`` raises at the end
-    when any failed, so ``python -m monai.bundle run`` exits non-zero.
+    Items are :func:`~monai_wsi_ext.data.patches.slide_item` dicts (``patch_source``, ``rows``, ``cols``,
+    ``labels``, ``slide_id``, ``prepared``), or ``{"slide_id", "error"}`` for a slide that could not be prepared
+    (the evaluator records it and goes on).
 
     Args:
-        slides: a folder of slides, a slide file, a list, or None with ``manifest``/``prepared_dir``.
+        slides: a folder of slides, a slide file, or a list; or None with ``manifest``/``prepared_dir``.
+        manifest: a dataset manifest (its slides are used; ``split`` filters).
+        prepared_dir: an existing ``prepare_dataset`` output (used when neither ``slides`` nor ``manifest``).
+        split: split filter for manifests and prepared folders.
+        prepare: :class:`~monai_wsi_ext.prep.prepare.PrepareConfig` or its keyword arguments (``prepare.json``).
+        reader: a :class:`~monai_wsi_ext.io.wsi.SlideReader` (its backend and mpp override are used).
+        transform: the patch transform (default: the eval transform with a 224 px centre crop).
+        num_workers: decoder threads of the batched patch reads.
+    """
+
+    def __init__(self, slides=None, manifest: str | None = None, prepared_dir: str | None = None,
+                 split: str | Sequence[str] | None = None, prepare: dict | PrepareConfig | None = None,
+                 reader: SlideReader | None = None, transform=None, num_workers: int = 2):
+        self.reader = reader or SlideReader()
+        cfg = prepare if isinstance(prepare, PrepareConfig) else PrepareConfig(**dict(prepare or {}))
+        if self.reader.mpp is not None:
+            cfg.mpp = self.reader.mpp
+        cfg.backend = self.reader.backend
+        self.cfg = cfg
+        self.transform = transform if transform is not None else make_patch_transform(False, 224)
+        self.num_workers = num_workers
+        if slides is None and manifest is None:
+            if prepared_dir is None:
+                raise ConfigError("give `input_slides`, a `manifest` or a `prepared_dir`.")
+            self.items = load_prepared_slides(prepared_dir, split)
+            if not self.items:
+                raise ConfigError(f"{prepared_dir}: no prepared slides for split {split!r}.")
+        else:
+            inputs = collect_inputs(slides=slides, manifest=manifest)
+            splits = split_set(split)
+            if splits is not None and manifest is not None:
+                inputs = [i for i in inputs if i.split in splits]
+            if not inputs:
+                raise ConfigError(f"no slides found in {slides or manifest!r}" +
+                                  (f" for split {split!r}" if manifest is not None else ""))
+            self.items = inputs
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.items[index]
+        try:
+            if isinstance(entry, SlideInput):
+                prepared = prepare_in_memory(entry, self.cfg, self.reader.open(entry.image, entry.extra.get("mpp")))
+            else:
+                prepared = entry
+            source = SlidePatchSource.from_prepared(prepared, self.transform, self.reader.backend, self.num_workers)
+        except (MonaiWsiExtError, OSError, ValueError) as e:
+            sid = entry.slide_id
+            return {"slide_id": sid, "error": f"{type(e).__name__}: {e}"}
+        return slide_item(prepared, source)
+
+
+class SlideInference:
+    """Slides -> tumor heatmaps from Python, with the components ``inference.json`` declares: a
+    :class:`SlideDataset`, a :class:`~monai_wsi_ext.model.predict.CanvasInferer`, a
+    :class:`~monai_wsi_ext.engines.evaluators.SlideEvaluator` that skips and records failing slides, strict
+    checkpoint loading, the :class:`~monai_wsi_ext.outputs.handlers.HeatmapWriter` and the
+    :class:`~monai_wsi_ext.outputs.handlers.InferenceSummary` (``run`` raises when any slide failed).
+
+    Args:
         output_dir: where heatmaps go (one folder per slide).
         encoder: patch encoder.
         unet: canvas U-Net (None: ``mode="classifier"``).
-        encoder_checkpoint: encoder weights file.
-        unet_checkpoint: U-Net weights file.
-        manifest: a dataset manifest (its slides are used; ``split`` filters).
-        prepared_dir: an existing ``prepare_dataset`` output to reuse.
-        split: split filter for manifests/prepared folders.
-        prepare: :class:`~monai_wsi_ext.prep.prepare.PrepareConfig` keyword arguments (patch size, level, ...).
-        canvas_size: the U-Net's canvas size.
-        canvas_mode: ``slide`` or ``lumps``.
-        mode: ``canvas`` (encoder + U-Net) or ``classifier`` (the encoder head's probabilities straight onto the
-            map: the classifier-only baseline).
+        encoder_checkpoint: encoder weights file (strictly loaded).
+        unet_checkpoint: U-Net weights file (strictly loaded).
+        slides, manifest, prepared_dir, split, prepare: see :class:`SlideDataset`.
+        canvas_size, canvas_mode, mode, batch_size, channels_last: see :class:`CanvasInferer`.
         threshold: tumor threshold of the GeoJSON regions.
         device: ``cpu``, ``cuda`` or ``auto``.
-        batch_size: patches per encoder call.
         crop_size: eval centre crop.
         backend: slide reader backend.
-        weight_files: name -> file of the weights in use, for the checksums of the run record, when the networks
-            come loaded (e.g. TorchScript files) rather than from ``encoder_checkpoint``/``unet_checkpoint``.
-        itk_format: also write the map as an ITK image with physical spacing (``nrrd`` or ``mha``; needs
-            the ``itk`` extra), see :func:`monai_wsi_ext.outputs.writers.write_prob_itk`.
+        stain_normalize: Macenko normalisation before encoding.
+        config: the configuration recorded in each record.
+        weight_files: name -> file of the weights in use, for the record's checksums, when the networks come
+            loaded (e.g. exported files) rather than from the checkpoints.
+        itk_format: also write the map as an ITK image (``nrrd``/``mha``).
     """
 
     def __init__(self, output_dir: str, encoder: torch.nn.Module, unet: torch.nn.Module | None = None,
@@ -69,95 +133,30 @@ class SlideInference:
             raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
         if mode == "canvas" and unet is None:
             raise ValueError("`mode='canvas'` needs a `unet`.")
-        self.output_dir = Path(output_dir)
-        self.encoder, self.unet = encoder, unet
-        self.encoder_checkpoint, self.unet_checkpoint = encoder_checkpoint, unet_checkpoint
-        self.slides, self.manifest, self.prepared_dir, self.split = slides, manifest, prepared_dir, split
-        self.prepare_kwargs = dict(prepare or {})
-        self.canvas_size, self.canvas_mode, self.mode, self.threshold = canvas_size, canvas_mode, mode, threshold
         self.device = resolve_device(device)
-        self.batch_size, self.crop_size, self.backend = batch_size, crop_size, backend
-        self.channels_last, self.stain_normalize = channels_last, stain_normalize
-        self.config = config
-        self.weight_files = dict(weight_files or {})
-        self.itk_format = itk_format or None
-        if self.itk_format is not None:  # fail before any slide rather than on every slide
-            from monai_wsi_ext.outputs.writers import ITK_FORMATS
-
-            if self.itk_format not in ITK_FORMATS:
-                raise ConfigError(f"`itk_format` must be one of {ITK_FORMATS} or None, got {itk_format!r}.")
-            if importlib.util.find_spec("itk") is None:
-                raise ConfigError("`itk_format` needs the `itk` extra: pip install -e \".[itk]\"")
-
-    def _load_networks(self) -> None:
-        from monai_wsi_ext.model.networks import load_checkpoint
-
-        if self.encoder_checkpoint:
-            load_checkpoint(self.encoder, self.encoder_checkpoint, option="encoder_ckpt")
-        self.encoder.to(self.device).eval()
-        if self.channels_last:
-            self.encoder.to(memory_format=torch.channels_last)
-        if self.unet is not None:
-            if self.unet_checkpoint:
-                load_checkpoint(self.unet, self.unet_checkpoint, option="unet_ckpt")
-            self.unet.to(self.device).eval()
-
-    def _prepared(self) -> list[dict]:
-        if self.prepared_dir is not None and self.slides is None and self.manifest is None:
-            return load_prepared_slides(self.prepared_dir, self.split)
-        from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
-
-        inputs = collect_inputs(slides=self.slides, manifest=self.manifest)
-        splits = split_set(self.split)
-        if splits is not None and self.manifest is not None:
-            inputs = [i for i in inputs if i.split in splits]
-        prepared_dir = self.output_dir / "prepared"
-        summary = prepare_dataset(inputs, prepared_dir, PrepareConfig(**self.prepare_kwargs), progress=False)
-        self._prepare_failed = summary["failed"]
-        ids = {i.slide_id for i in inputs}
-        return [m for m in load_prepared_slides(prepared_dir) if m["slide_id"] in ids]
+        self.encoder = encoder.to(self.device)
+        self.unet = unet.to(self.device) if unet is not None else None
+        self.mode = mode
+        prepare = dict(prepare or {})
+        prepare.setdefault("backend", backend)
+        self.writer = HeatmapWriter(output_dir, threshold, config=config,
+                                    weights={"encoder": encoder_checkpoint, "unet": unet_checkpoint,
+                                             **(weight_files or {})}, itk_format=itk_format, backend=backend)
+        self.dataset_args = dict(slides=slides, manifest=manifest, prepared_dir=prepared_dir, split=split,
+                                 prepare=prepare, reader=SlideReader(backend=prepare["backend"], mpp=prepare.get("mpp")),
+                                 transform=make_patch_transform(False, crop_size, stain_normalize))
+        self.inferer = CanvasInferer(self.encoder, canvas_size, canvas_mode, batch_size, channels_last, mode)
+        self.loaders = [StrictCheckpointLoader(encoder_checkpoint, self.encoder, "encoder_ckpt")]
+        if self.unet is not None and mode == "canvas":
+            self.loaders.append(StrictCheckpointLoader(unet_checkpoint, self.unet, "unet_ckpt"))
+        self.output_dir = Path(output_dir)
 
     def run(self) -> dict:
-        from monai_wsi_ext.outputs.writers import write_slide_outputs
-
-        self._prepare_failed = {}
-        self._load_networks()
-        slides = self._prepared()
-        transform = make_patch_transform(False, self.crop_size, self.stain_normalize)
-        weights = {k: v for k, v in (("encoder", self.encoder_checkpoint), ("unet", self.unet_checkpoint)) if v}
-        weights.update(self.weight_files)
-        results, failed = {}, dict(self._prepare_failed)
-        for meta in slides:
-            sid = meta["slide_id"]
-            try:
-                t0 = time.perf_counter()
-                grid = meta["grid"]
-                source = SlidePatchSource.from_prepared(meta, transform, self.backend)
-                feats, head_probs = encode_slide(self.encoder, source, self.batch_size, self.device,
-                                                 self.channels_last)
-                if self.mode == "canvas":
-                    probs = canvas_probabilities(self.unet, feats, grid.rows, grid.cols, self.canvas_size,
-                                                 self.canvas_mode, self.device)
-                else:
-                    probs = head_probs
-                pgrid = prob_grid(probs, grid.rows, grid.cols, grid.shape)
-                thumb, thumb_ds = source.slide.thumbnail(max_size=2048)
-                source.close()
-                out = write_slide_outputs(self.output_dir / sid, sid, pgrid, grid.cell_size,
-                                          tuple(meta["dimensions"]), meta.get("mpp"), thumb, thumb_ds,
-                                          threshold=self.threshold, config=self.config, weights=weights,
-                                          itk_format=self.itk_format)
-                np.save(self.output_dir / sid / f"{sid}_labels.npy", grid.label_grid())
-                results[sid] = {"slide_score": out["slide_score"], "n_regions": out.get("n_regions"),
-                                "n_patches": len(grid), "seconds": round(time.perf_counter() - t0, 2),
-                                "dir": str(self.output_dir / sid)}
-                logger.info("%s: %d patches, slide score %.3f, %.1f s -> %s", sid, len(grid), out["slide_score"],
-                            results[sid]["seconds"], self.output_dir / sid)
-            except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:
-                failed[sid] = f"{type(e).__name__}: {e}"
-                logger.error("%s: inference failed, skipped (%s)", sid, e)
-        summary = {"mode": self.mode, "slides": results, "failed": failed, "output_dir": str(self.output_dir)}
-        write_json_atomic(self.output_dir / "inference_summary.json", summary)
-        if failed:
-            raise MonaiWsiExtError(f"inference failed for {len(failed)} slide(s): {failed}")
-        return summary
+        dataset = SlideDataset(**self.dataset_args)
+        loader = DataLoader(dataset, batch_size=1, collate_fn=slide_collate, num_workers=0)
+        network = self.unet if self.mode == "canvas" else self.encoder
+        evaluator = SlideEvaluator(self.device, loader, network=network, inferer=self.inferer, on_failure="skip",
+                                   val_handlers=[*self.loaders, self.writer,
+                                                 InferenceSummary(self.output_dir, self.mode)])
+        evaluator.run()
+        return evaluator.state.summary

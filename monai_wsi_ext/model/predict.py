@@ -18,7 +18,7 @@ from torch import nn
 from monai_wsi_ext.model.canvas import canvas_forward, gather_from_canvas, layout_canvas, plan_canvases
 from monai_wsi_ext.utils import module_device
 
-__all__ = ["eval_mode", "encode_batches", "encode_slide", "canvas_probabilities", "prob_grid"]
+__all__ = ["eval_mode", "encode_batches", "encode_slide", "canvas_probabilities", "prob_grid", "CanvasInferer"]
 
 
 @contextmanager
@@ -163,3 +163,47 @@ def prob_grid(values: np.ndarray, rows, cols, shape: tuple[int, int]) -> np.ndar
     grid = np.full(tuple(shape), np.nan, np.float32)
     grid[np.asarray(rows, np.int64), np.asarray(cols, np.int64)] = values
     return grid
+
+
+class CanvasInferer:
+    """The method as a MONAI-style inferer over one slide item: encode every patch, lay the features on the canvas,
+    run the U-Net (the ``network`` the evaluator passes) and gather per-patch probabilities.
+
+    ``inferer(item, network)`` takes an item with ``patch_source`` (a
+    :class:`~monai_wsi_ext.data.patches.SlidePatchSource`), ``rows`` and ``cols`` and returns ``{"probs": (N,)
+    tumor probabilities, "features": (N, C), "head_probs": (N,) the encoder head's probabilities}`` (numpy,
+    float32, patch-table order).
+
+    Args:
+        encoder: patch encoder (moved to ``channels_last`` here when asked).
+        canvas_size: the U-Net's training canvas size.
+        canvas_mode: ``slide`` or ``lumps``.
+        batch_size: patches per encoder call (16 is fastest on a 2-core CPU, see BENCHMARKS.md).
+        channels_last: NHWC encoder inputs.
+        mode: ``canvas`` (encoder + U-Net) or ``classifier`` (the encoder head's probabilities straight onto the
+            map, the classifier-only baseline; ``network`` is not used).
+        multiple: rounding of layouts larger than ``canvas_size``.
+        prefetch: batches read ahead of the encoder.
+    """
+
+    def __init__(self, encoder: nn.Module, canvas_size: int = 512, canvas_mode: str = "slide", batch_size: int = 64,
+                 channels_last: bool = True, mode: str = "canvas", multiple: int = 16, prefetch: int = 2):
+        if mode not in ("canvas", "classifier"):
+            raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
+        self.encoder, self.canvas_size, self.canvas_mode = encoder, int(canvas_size), canvas_mode
+        self.batch_size, self.channels_last, self.mode = int(batch_size), channels_last, mode
+        self.multiple, self.prefetch = multiple, prefetch
+        if channels_last:
+            encoder.to(memory_format=torch.channels_last)
+
+    def __call__(self, inputs: dict, network: nn.Module | None = None) -> dict:
+        feats, head = encode_slide(self.encoder, inputs["patch_source"], self.batch_size,
+                                   channels_last=self.channels_last, with_probs=True, prefetch=self.prefetch)
+        if self.mode == "classifier":
+            probs = head
+        else:
+            if network is None:
+                raise ValueError("`mode='canvas'` needs the canvas U-Net as `network`.")
+            probs = canvas_probabilities(network, feats, inputs["rows"], inputs["cols"], self.canvas_size,
+                                         self.canvas_mode, multiple=self.multiple)
+        return {"probs": probs, "features": feats, "head_probs": head}

@@ -12,18 +12,21 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from monai_wsi_ext.errors import MonaiWsiExtError
-from monai_wsi_ext.prep.grid import PatchGrid, PatchLabel, label_cells, make_grid, write_patch_table
+from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
+from monai_wsi_ext.prep.grid import PatchGrid, PatchLabel, label_cells, make_grid, read_patch_table, write_patch_table
 from monai_wsi_ext.io.atomic import write_json_atomic
-from monai_wsi_ext.prep.tissue import detect_tissue, save_mask_png
-from monai_wsi_ext.io.wsi import open_slide
+from monai_wsi_ext.prep.tissue import TissueMask, detect_tissue, save_mask_png
+from monai_wsi_ext.io.wsi import Slide, open_slide
+from monai_wsi_ext.utils import split_set
 
-__all__ = ["PrepareConfig", "SlideInput", "prepare_slide", "prepare_dataset", "collect_inputs", "datalist_items"]
+__all__ = ["PrepareConfig", "SlideInput", "PreparedSlide", "reader_mpp", "prepare_in_memory", "write_prepared",
+           "load_prepared", "load_prepared_slides", "prepare_slide", "prepare_dataset", "collect_inputs", "datalist_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +123,75 @@ def _label_mask_for(inp: SlideInput, cfg: PrepareConfig, slide_size: tuple[int, 
     return ann.rasterize_annotations(polygons, shape, downsample, path_for_errors=path), downsample
 
 
-def prepare_slide(inp: SlideInput, output_dir: str | os.PathLike, cfg: PrepareConfig | None = None) -> dict:
-    """Run tissue detection, the patch grid and labelling for one slide and write its outputs.
+@dataclass
+class PreparedSlide:
+    """One slide after tissue detection and the labelled patch grid: what every later stage reads.
 
-    Returns:
-        the slide's ``meta.json`` content.
+    Built in memory by :func:`prepare_in_memory` (inference on new slides: nothing is written and read back) or
+    read from a prepared folder by :func:`load_prepared`. ``meta`` holds everything ``meta.json`` holds.
+
+    Attributes:
+        slide_id: identifier used in tables and outputs.
+        image: slide path.
+        grid: the labelled patch grid.
+        meta: the ``meta.json`` content (geometry, settings, counts).
+        dir: the prepared folder of the slide (None when prepared in memory).
+        slide: the open slide when prepared in this process (reused for patch reading and the thumbnail).
+        tissue: the tissue mask when prepared in this process.
+    """
+
+    slide_id: str
+    image: str
+    grid: PatchGrid
+    meta: dict
+    dir: str | None = None
+    slide: Slide | None = field(default=None, repr=False)
+    tissue: TissueMask | None = field(default=None, repr=False)
+
+    @property
+    def split(self) -> str:
+        return self.meta.get("split", "")
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return tuple(self.meta["dimensions"])
+
+    @property
+    def mpp(self) -> float | None:
+        return self.meta.get("mpp")
+
+    @property
+    def reader_mpp(self) -> float | None:
+        """The mpp to give the reader when reopening the slide: the user's override, else None (the file's own)."""
+        return reader_mpp(self.meta)
+
+    def open(self, backend: str = "auto") -> Slide:
+        """The open slide (opened once, then reused)."""
+        if self.slide is None:
+            self.slide = open_slide(self.image, backend=backend, mpp=self.reader_mpp)
+        return self.slide
+
+    def close(self) -> None:
+        if self.slide is not None:
+            self.slide.close()
+            self.slide = None
+
+
+def reader_mpp(meta: dict) -> float | None:
+    """The one mpp rule: a slide prepared with a user-given mpp (``mpp_source == "user"``) is reopened with it;
+    otherwise the reader takes the file's own value."""
+    return meta.get("mpp") if meta.get("mpp_source") == "user" else None
+
+
+def prepare_in_memory(inp: SlideInput, cfg: PrepareConfig | None = None, slide: Slide | None = None) -> PreparedSlide:
+    """Tissue detection, the patch grid and labels for one slide, in memory; the slide stays open in the result.
 
     Raises:
         MonaiWsiExtError: the slide or its annotation cannot be read (``WSIReadError``/``AnnotationError``).
     """
     cfg = cfg or PrepareConfig()
-    out = Path(output_dir) / inp.slide_id
-    with open_slide(inp.image, backend=cfg.backend, mpp=inp.extra.get("mpp", cfg.mpp)) as slide:
+    slide = slide or open_slide(inp.image, backend=cfg.backend, mpp=inp.extra.get("mpp", cfg.mpp))
+    try:
         level = slide.level_for_mpp(cfg.target_mpp, cfg.mpp_rtol) if cfg.target_mpp else int(cfg.level)
         if not 0 <= level < slide.level_count:
             raise MonaiWsiExtError(f"{inp.image}: level {level} requested but the slide has {slide.level_count}")
@@ -148,25 +208,72 @@ def prepare_slide(inp: SlideInput, output_dir: str | os.PathLike, cfg: PrepareCo
             # a slide known to be tumor-free (e.g. Camelyon16 Normal_*) without an annotation file
             grid.normal = grid.tissue.copy()
             grid.labels = np.where(grid.normal >= cfg.normal_threshold, PatchLabel.NORMAL, PatchLabel.NOLABEL)
-        out.mkdir(parents=True, exist_ok=True)
-        save_mask_png(out / "tissue_mask.png", tissue)
-        write_patch_table(out / "patches.csv", grid)
-        meta = {
-            "slide_id": inp.slide_id, "image": str(Path(inp.image).resolve()),
-            "annotation": str(Path(inp.annotation).resolve()) if inp.annotation else None, "split": inp.split,
-            "backend": slide.backend, "dimensions": list(slide.dimensions), "mpp": slide.mpp,
-            "mpp_source": slide.mpp_source, "level_count": slide.level_count, "level": level,
-            "level_downsample": slide.level_downsamples[level], "patch_size": cfg.patch_size,
-            "cell_size": grid.cell_size, "grid_shape": list(grid.shape), "tissue_mask": "tissue_mask.png",
-            "tissue_mask_downsample": tissue.downsample, "tissue_fraction": tissue.fraction,
-            "tissue_threshold_value": tissue.threshold, "counts": grid.counts(), "config": asdict(cfg),
-            "config_fingerprint": cfg.fingerprint(), "input_signature": _signature(inp),
-        }
+    except BaseException:
+        slide.close()
+        raise
+    meta = {
+        "slide_id": inp.slide_id, "image": str(Path(inp.image).resolve()),
+        "annotation": str(Path(inp.annotation).resolve()) if inp.annotation else None, "split": inp.split,
+        "backend": slide.backend, "dimensions": list(slide.dimensions), "mpp": slide.mpp,
+        "mpp_source": slide.mpp_source, "level_count": slide.level_count, "level": level,
+        "level_downsample": slide.level_downsamples[level], "patch_size": cfg.patch_size,
+        "cell_size": grid.cell_size, "grid_shape": list(grid.shape), "tissue_mask": "tissue_mask.png",
+        "tissue_mask_downsample": tissue.downsample, "tissue_fraction": tissue.fraction,
+        "tissue_threshold_value": tissue.threshold, "counts": grid.counts(), "config": asdict(cfg),
+        "config_fingerprint": cfg.fingerprint(), "input_signature": _signature(inp),
+    }
     if len(grid) == 0:
         logger.warning("%s: no patch-grid cell has >= %.0f%% tissue (tissue is %.2f%% of the thumbnail); the slide "
                        "contributes no patches", inp.image, 100 * cfg.tissue_threshold, 100 * tissue.fraction)
-    write_json_atomic(out / "meta.json", meta)  # last: its presence marks the slide as complete
-    return meta
+    return PreparedSlide(inp.slide_id, meta["image"], grid, meta, slide=slide, tissue=tissue)
+
+
+def write_prepared(prepared: PreparedSlide, output_dir: str | os.PathLike) -> dict:
+    """Write a slide's prepared folder (tissue mask, patch table, then ``meta.json`` last: its presence marks the
+    slide as complete) and return the meta."""
+    out = Path(output_dir) / prepared.slide_id
+    out.mkdir(parents=True, exist_ok=True)
+    save_mask_png(out / "tissue_mask.png", prepared.tissue)
+    write_patch_table(out / "patches.csv", prepared.grid)
+    write_json_atomic(out / "meta.json", prepared.meta)
+    prepared.dir = str(out)
+    return prepared.meta
+
+
+def prepare_slide(inp: SlideInput, output_dir: str | os.PathLike, cfg: PrepareConfig | None = None) -> dict:
+    """Run tissue detection, the patch grid and labelling for one slide and write its outputs.
+
+    Returns:
+        the slide's ``meta.json`` content.
+
+    Raises:
+        MonaiWsiExtError: the slide or its annotation cannot be read (``WSIReadError``/``AnnotationError``).
+    """
+    prepared = prepare_in_memory(inp, cfg)
+    try:
+        return write_prepared(prepared, output_dir)
+    finally:
+        prepared.close()
+
+
+def load_prepared(slide_dir: str | os.PathLike) -> PreparedSlide:
+    """A prepared slide read back from its folder (``meta.json`` and ``patches.csv``)."""
+    slide_dir = Path(slide_dir)
+    meta = json.loads((slide_dir / "meta.json").read_text())
+    grid = read_patch_table(slide_dir / "patches.csv", shape=tuple(meta["grid_shape"]), cell_size=meta["cell_size"])
+    return PreparedSlide(meta["slide_id"], meta["image"], grid, meta, dir=str(slide_dir))
+
+
+def load_prepared_slides(prepared_dir: str | os.PathLike, split: str | Sequence[str] | None = None
+                         ) -> list[PreparedSlide]:
+    """The prepared slides of a ``prepare_dataset`` output folder, sorted by slide id (``split`` filters)."""
+    splits = split_set(split)
+    out = []
+    for meta_path in sorted(Path(prepared_dir).glob("*/meta.json")):
+        prepared = load_prepared(meta_path.parent)
+        if splits is None or prepared.split in splits:
+            out.append(prepared)
+    return out
 
 
 def _signature(inp: SlideInput) -> dict:
@@ -226,6 +333,9 @@ def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: 
             ``.json``, or a label mask ``<stem>_mask.tif``/``.png``); defaults to the slides' folder.
         manifest: a dataset manifest JSON (as written by ``make_demo_slides``) instead of ``slides``.
         split: split name for slides not from a manifest.
+
+    Raises:
+        ConfigError: ``slides`` is a folder with no slide files (or an empty list).
     """
     if manifest is not None:
         manifest = Path(manifest)
@@ -246,6 +356,9 @@ def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: 
                        and not p.stem.endswith("_mask"))
     else:
         files = [Path(slides)]
+    if not files:
+        where = f"folder {str(slides)!r}" if not isinstance(slides, (list, tuple)) else "the empty list given"
+        raise ConfigError(f"no slides found in {where} (slide suffixes: {', '.join(SLIDE_SUFFIXES)}).")
     ann_dir = Path(annotations) if annotations is not None else None
     inputs = []
     for f in files:

@@ -1,0 +1,32 @@
+"""Handlers shared by the slide engines."""
+
+from __future__ import annotations
+
+from ignite.engine import Engine, Events
+
+from monai_wsi_ext.model.networks import load_checkpoint
+
+__all__ = ["StrictCheckpointLoader"]
+
+
+class StrictCheckpointLoader:
+    """Load trained weights into a network when the run starts, requiring every tensor by name and shape
+    (:func:`~monai_wsi_ext.model.networks.load_checkpoint`): a checkpoint that does not fit stops the run before
+    the first slide, naming the option, the file and what it holds. MONAI's ``CheckpointLoader`` with
+    ``strict=True`` does the same loading with torch's messages; this one also says which option gave the file.
+
+    Args:
+        load_path: checkpoint file; None loads nothing (e.g. the U-Net in ``classifier`` mode).
+        network: destination network.
+        option: the config key that gave ``load_path``, named in errors (``encoder_ckpt``, ``unet_ckpt``).
+    """
+
+    def __init__(self, load_path: str | None, network, option: str = "encoder_ckpt"):
+        self.load_path, self.network, self.option = load_path, network, option
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if self.load_path:
+            load_checkpoint(self.network, self.load_path, option=self.option)
