@@ -93,6 +93,7 @@ def main(
         print("error: give --slides (a folder, a file or a list of files) or --manifest", file=sys.stderr)
         sys.exit(2)
     # imported here so that --help and argument errors answer without loading torch and MONAI
+    from monai_wsi_ext.errors import ConfigError
     from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
 
     cfg = PrepareConfig(
@@ -101,7 +102,11 @@ def main(
         tumor_threshold=float(tumor_threshold), normal_threshold=float(normal_threshold), exhaustive=bool(exhaustive),
         thumbnail_max_size=int(thumbnail_max_size),
     )
-    inputs = collect_inputs(slides=slides, annotations=annotations, manifest=manifest, split=str(split))
+    try:
+        inputs = collect_inputs(slides=slides, annotations=annotations, manifest=manifest, split=str(split))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if not inputs:
         print(f"error: no slides found in {slides!r}", file=sys.stderr)
         sys.exit(1)

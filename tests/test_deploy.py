@@ -147,7 +147,7 @@ def test_exported_inference_reports_a_bad_slide_and_goes_on(exported, tmp_path):
 def test_list_slides(exported, tmp_path):
     assert list_slides(exported["slides"]) == [str(exported["slides"] / "s1.tif")]
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(ConfigError, match="no slide files"):
+    with pytest.raises(ConfigError, match="no slides found"):
         list_slides(tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         list_slides(tmp_path / "missing")

@@ -118,10 +118,7 @@ def list_slides(folder: str | os.PathLike) -> list[str]:
     path = Path(folder)
     if not path.exists():
         raise ConfigError(f"input {str(path)!r} does not exist.")
-    slides = [inp.image for inp in collect_inputs(slides=path)]
-    if not slides:
-        raise ConfigError(f"{path}: no slide files (looked for .svs, .tif, .tiff, .ndpi, .mrxs, .scn, .bif, ...).")
-    return slides
+    return [inp.image for inp in collect_inputs(slides=path)]  # raises ConfigError for a folder without slides
 
 
 def run_exported_inference(slides, output_dir: str | os.PathLike, models: ExportedModels, mode: str | None = None,

@@ -246,8 +246,6 @@ def export_network(
         raise ConfigError(f"`filepath` must end in .ts, got {str(filepath)!r}.")
     if use_trace and input_shape is None:
         input_shape = [1, 3, 224, 224] if network == "encoder" else None  # None: taken from the metadata
-    # strict: a checkpoint that does not fit the network fails here, before MONAI's (partial) copy into the export
-    eager = _eager_network(config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override)
     with atomic_path(filepath) as tmp:
         ckpt_export(
             net_id="network_def",
@@ -262,6 +260,9 @@ def export_network(
             **override,
         )
         if check_shape is None or len(check_shape):  # checked before the rename: a bad export leaves no file
+            eager = _eager_network(
+                config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override
+            )
             if check_shape is None:
                 check_shape = (1, int(getattr(eager, "in_channels", 3)), 64, 64)
             check_exported(tmp, eager, check_shape)
