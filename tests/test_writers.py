@@ -350,7 +350,7 @@ def test_slide_score_methods():
     edge = np.full((3, 3), np.nan, np.float32)
     edge[0, 0], edge[0, 1] = 0.8, 0.4  # NaN neighbours do not count
     assert slide_score(edge) == pytest.approx(0.6)
-    assert slide_score(np.full((2, 2), np.nan)) == 0.0
+    assert slide_score(np.full((2, 2), np.nan)) is None  # no tissue: no score (status no_tissue), not 0.0
     with pytest.raises(ValueError, match="method"):
         slide_score(prob, "mean")
 

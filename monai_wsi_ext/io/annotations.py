@@ -43,6 +43,8 @@ from monai_wsi_ext.io.atomic import write_text_atomic
 
 __all__ = [
     "ANNOTATION_FORMATS",
+    "annotation_warnings",
+    "check_annotation_extent",
     "AnnotationLabel",
     "AnnotationPolygon",
     "AnnotationWarning",
@@ -784,6 +786,134 @@ def _shoelace(ring: np.ndarray) -> float:
         return 0.0
     x, y = ring[:, 0], ring[:, 1]
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def _clip_ring(ring: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Sutherland-Hodgman clip of a ring to ``[0, width] x [0, height]`` (exact for the area of any simple ring)."""
+    pts = np.asarray(ring, dtype=np.float64)
+    for axis, bound, keep_below in ((0, 0.0, False), (0, float(width), True), (1, 0.0, False),
+                                    (1, float(height), True)):
+        if len(pts) == 0:
+            break
+        inside = pts[:, axis] <= bound if keep_below else pts[:, axis] >= bound
+        nxt = np.roll(pts, -1, axis=0)
+        nxt_inside = np.roll(inside, -1)
+        out = []
+        for p, q, pin, qin in zip(pts, nxt, inside, nxt_inside):
+            if pin:
+                out.append(p)
+            if pin != qin:
+                t = (bound - p[axis]) / (q[axis] - p[axis])
+                out.append(p + t * (q - p))
+        pts = np.asarray(out, dtype=np.float64).reshape(-1, 2)
+    return pts
+
+
+def check_annotation_extent(
+    polygons: Sequence[AnnotationPolygon],
+    slide_size: Sequence[float],
+    max_outside_fraction: float = 1.0,
+    clip: bool = False,
+    path_for_errors: str | os.PathLike | None = None,
+) -> tuple[list[AnnotationPolygon], list[str]]:
+    """Check that a slide's annotations lie on the slide (an annotation in another coordinate frame, e.g. level-0
+    coordinates of a larger slide or of another level, would otherwise turn a tumor slide into all-normal data).
+
+    The annotated area is the area of the tumor, normal and exclusion polygons (``OTHER`` ones are ignored
+    anyway); the part outside ``[0, width] x [0, height]`` is measured exactly by clipping.
+
+    Args:
+        polygons: the polygons, in level-0 pixel coordinates.
+        slide_size: the slide's level-0 ``(width, height)``.
+        max_outside_fraction: most fraction of the annotated area that may lie outside. The default 1.0 fails
+            only when none of it lies on the slide; 0.5 fails when more than half lies outside.
+        clip: never fail: polygons are clipped to the slide (those wholly outside dropped) and a warning says how
+            much was cut.
+        path_for_errors: the annotation file, named in the error and the warnings.
+
+    Returns:
+        ``(polygons, warnings)``: the polygons (clipped when ``clip``, else as given) and warning texts for a
+        summary (empty when everything lies on the slide).
+
+    Raises:
+        AnnotationError: more than ``max_outside_fraction`` of the annotated area lies outside the slide (and
+            ``clip`` is false); the message names the file, the fraction and the polygons' extent.
+        ConfigError: ``max_outside_fraction`` is not in [0, 1] or ``slide_size`` is not two positive numbers.
+    """
+    if not (isinstance(max_outside_fraction, (int, float)) and 0.0 <= float(max_outside_fraction) <= 1.0):
+        raise ConfigError(f"`max_outside_fraction` must be in [0, 1], got {max_outside_fraction!r}.")
+    if len(slide_size) != 2 or not all(math.isfinite(float(v)) and float(v) > 0 for v in slide_size):
+        raise ConfigError(f"`slide_size` must be (width, height) > 0, got {slide_size!r}.")
+    width, height = float(slide_size[0]), float(slide_size[1])
+    source = str(path_for_errors) if path_for_errors is not None else "<polygons>"
+    polygons = list(polygons)
+    used = [p for p in polygons if p.label != AnnotationLabel.OTHER]
+    total = inside = 0.0
+    clipped: dict[int, AnnotationPolygon | None] = {}
+    for i, poly in enumerate(polygons):
+        if poly.label == AnnotationLabel.OTHER:
+            continue
+        ext = _clip_ring(poly.exterior, width, height)
+        holes = [_clip_ring(h, width, height) for h in poly.holes]
+        area_in = max(_shoelace(ext) - sum(_shoelace(h) for h in holes), 0.0)
+        total += poly.area
+        inside += min(area_in, poly.area)
+        if len(ext) >= 3 and area_in > 0:
+            clipped[i] = AnnotationPolygon(ext, [h for h in holes if len(h) >= 3], poly.label, poly.name, poly.group)
+        else:
+            clipped[i] = None
+    if not used or total <= 0:
+        return polygons, []
+    outside = max(total - inside, 0.0)
+    fraction = outside / total
+    if fraction <= 1e-9:
+        return polygons, []
+    pts = np.concatenate([p.exterior for p in used])
+    extent = (f"the polygons span x {pts[:, 0].min():.0f}..{pts[:, 0].max():.0f}, y {pts[:, 1].min():.0f}.."
+              f"{pts[:, 1].max():.0f}; the slide is {width:.0f} x {height:.0f} px")
+    n_out = sum(1 for i in clipped if clipped[i] is None)
+    what = f"{fraction:.1%} of the annotated area ({n_out} of {len(used)} polygon(s) wholly) lies outside the slide"
+    too_much = inside <= 0 or fraction > float(max_outside_fraction)
+    if too_much and not clip:
+        hint = ("none of it lies on the slide: is it another slide's annotation, or in another level's or "
+                "another scanner's coordinates?") if inside <= 0 else f"over the allowed {max_outside_fraction:.0%}"
+        allow = "clip_annotations" if inside <= 0 else "clip_annotations or a larger annotation_max_outside_fraction"
+        raise AnnotationError(source, f"{what}; {hint} ({extent}); allow it with {allow}")
+    if clip:
+        kept = [p if i not in clipped else clipped[i] for i, p in enumerate(polygons)
+                if i not in clipped or clipped[i] is not None]
+        return kept, [f"{source}: {what}; clipped to the slide ({extent})"]
+    return polygons, [f"{source}: {what}; the part outside is ignored ({extent})"]
+
+
+def annotation_warnings(polygons: Sequence[AnnotationPolygon], path: str | os.PathLike | None = None,
+                        fmt_hint: str = "") -> list[str]:
+    """Warnings worth a line in a run's summary about what an annotation file contributes: classes that are
+    ignored (not tumor, normal or exclusion; map them with ``class_map``) and files without any polygon.
+
+    Args:
+        polygons: the polygons read from the file.
+        path: the file, named in the warnings.
+        fmt_hint: how an empty file looks in its format (e.g. ``"an empty FeatureCollection"``), for the text.
+
+    Returns:
+        Warning texts (empty when every polygon is used).
+    """
+    source = str(path) if path is not None else "<polygons>"
+    if not polygons:
+        what = fmt_hint or "e.g. an empty FeatureCollection"
+        return [f"{source}: no annotation polygons ({what}): the slide is treated as having no tumor"]
+    ignored: dict[str, int] = {}
+    for p in polygons:
+        if p.label == AnnotationLabel.OTHER:
+            ignored[p.group or "<unclassified>"] = ignored.get(p.group or "<unclassified>", 0) + 1
+    if not ignored:
+        return []
+    n = sum(ignored.values())
+    classes = ", ".join(f"{k!r} ({v})" for k, v in sorted(ignored.items()))
+    every = " - every polygon of the file, so it contributes no label" if n == len(polygons) else ""
+    return [f"{source}: {n} of {len(polygons)} polygon(s) ignored{every}: class(es) {classes} are not tumor, "
+            "normal or exclusion (give them a label with class_map)"]
 
 
 def polygons_area(polygons: Iterable[AnnotationPolygon]) -> dict[AnnotationLabel, float]:

@@ -6,6 +6,10 @@ so a JPEG 2000 slide a backend cannot decode falls through to the next one. The 
 
 MONAI's own ``tifffile`` backend decodes a whole level for every patch and is never used here.
 
+Reads are bounded: ``open_slide`` refuses a TIFF whose stored data cannot hold the image its header declares,
+``Slide.thumbnail`` reads in blocks within a pixel budget (:data:`MAX_READ_PIXELS`), and :func:`slide_timeout`
+limits the time spent on one slide. cuCIM's CPU-run cuFile messages are filtered out of its import.
+
 Coordinates: ``(x, y)`` are level-0 pixel coordinates; sizes are ``(width, height)`` at the read level; arrays
 are ``(height, width, 3)`` uint8 RGB.
 """

@@ -92,9 +92,10 @@ class HeatmapWriter:
             logger.error("%s: writing the outputs failed (%s)", sid, e)
             return
         seconds = round(time.perf_counter() - getattr(self, "_t0", time.perf_counter()), 2)
-        engine.state.results[sid] = {"slide_score": written["slide_score"], "n_regions": written.get("n_regions"),
-                                     "n_patches": len(grid), "seconds": seconds, "dir": str(self.output_dir / sid)}
-        logger.info("%s: %d patches, slide score %.3f, %.1f s -> %s", sid, len(grid), written["slide_score"],
+        engine.state.results[sid] = {"slide_score": written["slide_score"], "status": written.get("status", "ok"),
+                                     "n_regions": written.get("n_regions"), "n_patches": len(grid),
+                                     "seconds": seconds, "dir": str(self.output_dir / sid)}
+        logger.info("%s: %d patches, slide score %s, %.1f s -> %s", sid, len(grid), written["slide_score"],
                     seconds, self.output_dir / sid)
 
 

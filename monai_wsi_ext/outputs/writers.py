@@ -55,6 +55,7 @@ __all__ = [
     "tumor_regions",
     "write_regions_geojson",
     "slide_score",
+    "slide_status",
     "run_record",
     "write_run_record",
     "write_slide_outputs",
@@ -642,7 +643,7 @@ def _smoothed(prob: np.ndarray) -> np.ndarray:
     return np.where(valid, total / np.maximum(n, 1.0), np.nan)
 
 
-def slide_score(prob: np.ndarray, method: str = "smoothed_max", k: int = 5) -> float:
+def slide_score(prob: np.ndarray, method: str = "smoothed_max", k: int = 5) -> float | None:
     """One tumor score per slide from the probability grid.
 
     Methods:
@@ -652,7 +653,7 @@ def slide_score(prob: np.ndarray, method: str = "smoothed_max", k: int = 5) -> f
         - ``max``: the maximum cell probability (most sensitive, least robust).
         - ``top_k_mean``: the mean of the ``k`` highest cell probabilities (all cells if fewer).
 
-    A grid without tissue scores 0.0 (logged as a warning).
+    A grid without tissue has no score: None (logged as a warning), not a confident 0.0 (see :func:`slide_status`).
 
     Args:
         prob: ``(H, W)`` probabilities in [0, 1], NaN for no tissue.
@@ -660,7 +661,7 @@ def slide_score(prob: np.ndarray, method: str = "smoothed_max", k: int = 5) -> f
         k: number of cells for ``top_k_mean``.
 
     Returns:
-        The score in [0, 1].
+        The score in [0, 1], or None when the grid has no tissue cell.
 
     Raises:
         ValueError: unknown ``method`` or ``k < 1``.
@@ -668,18 +669,23 @@ def slide_score(prob: np.ndarray, method: str = "smoothed_max", k: int = 5) -> f
     arr = _check_prob(prob)
     if method not in SCORE_METHODS:
         raise ValueError(f"`method` must be one of {SCORE_METHODS}, got {method!r}.")
+    if method == "top_k_mean" and (int(k) != k or k < 1):
+        raise ValueError(f"`k` must be a positive integer, got {k!r}.")
     values = arr[~np.isnan(arr)]
     if values.size == 0:
-        logger.warning("slide_score: the probability grid has no tissue cell; returning 0.0.")
-        return 0.0
+        logger.warning("slide_score: the probability grid has no tissue cell; no score (None, status no_tissue).")
+        return None
     if method == "max":
         return float(values.max())
     if method == "top_k_mean":
-        if int(k) != k or k < 1:
-            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
         top = np.sort(values.astype(np.float64))[-int(k):]
         return float(top.mean())
     return float(np.nanmax(_smoothed(arr)))
+
+
+def slide_status(prob: np.ndarray) -> str:
+    """``no_tissue`` when the probability grid has no tissue cell (all NaN: nothing was scored), else ``ok``."""
+    return "no_tissue" if not np.any(~np.isnan(_check_prob(prob))) else "ok"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -802,7 +808,8 @@ def write_slide_outputs(
     Files: ``{slide_id}_prob.npy``, ``{slide_id}_prob.png``, ``{slide_id}_heatmap.tif``, ``{slide_id}_overlay.png``
     (skipped when ``thumbnail`` is None), ``{slide_id}_tumor.geojson`` and, last, ``{slide_id}_record.json`` with the
     slide score, region summary, heatmap downsample, file names and the run record. Each file is atomic; if a later
-    step fails the files already written stay and no record is written.
+    step fails the files already written stay and no record is written. A slide without any tissue cell gets
+    ``"slide_score": null`` and ``"status": "no_tissue"`` (else ``"ok"``) in its record and in the returned dict.
 
     Args:
         out_dir: output folder (created).
@@ -822,8 +829,8 @@ def write_slide_outputs(
 
     Returns:
         ``{"prob_npy", "prob_png", "heatmap_tiff", "overlay_png", "tumor_geojson", "record_json", "prob_itk"}`` ->
-        Path (or None for a skipped overlay or ITK image), plus ``slide_score``, ``n_regions`` and
-        ``heatmap_downsample``.
+        Path (or None for a skipped overlay or ITK image), plus ``slide_score`` (None without tissue), ``status``,
+        ``n_regions`` and ``heatmap_downsample``.
 
     Raises:
         ValueError: a bad ``slide_id`` or any argument the individual writers reject.
@@ -860,16 +867,18 @@ def write_slide_outputs(
     regions = tumor_regions(arr, cell_size, threshold=threshold, mpp=mpp)
     write_regions_geojson(paths["tumor_geojson"], regions)
     score = slide_score(arr, method=score_method)
+    status = slide_status(arr)
     write_run_record(
         paths["record_json"], config=config, weights=weights,
         slide_id=slide_id, slide_size=[int(s) for s in slide_size], mpp=mpp, cell_size=cell_size,
-        grid_shape=list(arr.shape), threshold=threshold, slide_score=score, score_method=score_method,
+        grid_shape=list(arr.shape), threshold=threshold, slide_score=score, status=status, score_method=score_method,
         n_regions=len(regions), n_tissue_cells=int((~np.isnan(arr)).sum()),
         regions=[{k: r[k] for k in ("id", "n_cells", "area_px", "area_mm2", "mean_probability", "max_probability",
                                     "bbox")} for r in regions],
         heatmap_downsample=info.downsample, heatmap_level_sizes=[list(s) for s in info.level_sizes],
         outputs={k: (None if v is None else v.name) for k, v in paths.items()},
     )
-    logger.info("Slide %s: score %.4f (%s), %d tumor region(s), outputs in %s", slide_id, score, score_method,
-                len(regions), out)
-    return {**paths, "slide_score": score, "n_regions": len(regions), "heatmap_downsample": info.downsample}
+    logger.info("Slide %s: score %s (%s), %d tumor region(s), outputs in %s", slide_id,
+                "none (no tissue)" if score is None else f"{score:.4f}", score_method, len(regions), out)
+    return {**paths, "slide_score": score, "status": status, "n_regions": len(regions),
+            "heatmap_downsample": info.downsample}

@@ -104,10 +104,23 @@ class SlideInput:
         self.slide_id = str(self.slide_id)
 
 
-def _label_mask_for(inp: SlideInput, cfg: PrepareConfig, slide_size: tuple[int, int], cell: float):
-    """Rasterise the slide's annotation to a label mask (0 none, 1 normal, 2 tumor) and its downsample."""
+def _label_mask_for(inp: SlideInput, cfg: PrepareConfig, slide_size: tuple[int, int], cell: float,
+                    warnings: list[str] | None = None):
+    """Rasterise the slide's annotation to a label mask (0 none, 1 normal, 2 tumor) and its downsample.
+
+    Problems that do not stop the slide (ignored classes, no polygons, skipped items, parts outside the slide) are
+    logged and appended to ``warnings`` as text for the summary.
+
+    Raises:
+        AnnotationError: the annotation cannot be read, or too much of it lies outside the slide (see
+            :func:`~monai_wsi_ext.io.annotations.check_annotation_extent`; ``cfg.annotation_max_outside_fraction``,
+            default all, and ``cfg.clip_annotations``), or a label mask's aspect ratio is not the slide's.
+    """
+    import warnings as pywarnings
+
     from monai_wsi_ext.io import annotations as ann
 
+    notes: list[str] = []
     width, height = slide_size
     downsample = max(cell / cfg.label_cells_px, 1.0)
     shape = (int(np.ceil(height / downsample)), int(np.ceil(width / downsample)))
@@ -118,9 +131,31 @@ def _label_mask_for(inp: SlideInput, cfg: PrepareConfig, slide_size: tuple[int, 
         raw = ann.read_label_mask(path, level=ann.label_mask_level_for(path, width, downsample),
                                   tumor_values=tuple(cfg.label_mask_tumor_values),
                                   normal_values=tuple(cfg.label_mask_normal_values))
+        mask_aspect, slide_aspect = raw.shape[1] / raw.shape[0], width / height
+        if abs(mask_aspect / slide_aspect - 1) > 0.05:
+            raise ann.AnnotationError(path, f"label mask of {raw.shape[1]} x {raw.shape[0]} px does not have the "
+                                            f"aspect ratio of the {width} x {height} px slide: another slide's mask?")
+        if not (raw == ann.MASK_TUMOR).any() and not (raw == ann.MASK_NORMAL).any():
+            notes.append(f"{path}: label mask has no tumor value {tuple(cfg.label_mask_tumor_values)}: the slide is "
+                         "treated as having no tumor")
+        _keep_warnings(notes, warnings)
         return raw, width / raw.shape[1]
-    polygons = ann.read_annotations(path, class_map=cfg.class_map)
-    return ann.rasterize_annotations(polygons, shape, downsample, path_for_errors=path), downsample
+    with pywarnings.catch_warnings(record=True) as caught:
+        pywarnings.simplefilter("always", ann.AnnotationWarning)
+        polygons = ann.read_annotations(path, class_map=cfg.class_map)
+    notes += [str(w.message) for w in caught if issubclass(w.category, ann.AnnotationWarning)]
+    notes += ann.annotation_warnings(polygons, path)
+    polygons, extent_notes = ann.check_annotation_extent(
+        polygons, (width, height), max_outside_fraction=float(getattr(cfg, "annotation_max_outside_fraction", 1.0)),
+        clip=bool(getattr(cfg, "clip_annotations", False)), path_for_errors=path)
+    notes += extent_notes
+    with pywarnings.catch_warnings(record=True) as caught:
+        pywarnings.simplefilter("always", ann.AnnotationWarning)
+        mask = ann.rasterize_annotations(polygons, shape, downsample, path_for_errors=path)
+    if not extent_notes:  # the extent note already says what lies outside
+        notes += [str(w.message) for w in caught if issubclass(w.category, ann.AnnotationWarning)]
+    _keep_warnings(notes, warnings)
+    return mask, downsample
 
 
 @dataclass
@@ -324,18 +359,23 @@ def datalist_items(meta: dict, output_dir: str | os.PathLike, include_nolabel: b
 
 
 def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: str | os.PathLike | None = None,
-                   manifest: str | os.PathLike | None = None, split: str = "training") -> list[SlideInput]:
+                   manifest: str | os.PathLike | None = None, split: str = "training",
+                   negative: bool | Sequence[str] = False) -> list[SlideInput]:
     """Build the list of slides to prepare.
 
     Args:
         slides: a folder of slides, one slide file, or a list of slide files.
         annotations: a folder holding annotations named after the slides (``<stem>.xml``, ``.geojson``,
-            ``.json``, or a label mask ``<stem>_mask.tif``/``.png``); defaults to the slides' folder.
-        manifest: a dataset manifest JSON (as written by ``make_demo_slides``) instead of ``slides``.
+            ``.json``, or a label mask ``<stem>_mask.tif``/``.png``); defaults to the slides' folder. Annotation
+            files there that match no slide are logged (see :func:`unmatched_annotations` for the summary).
+        manifest: a dataset manifest JSON (as written by ``make_demo_slides``) instead of ``slides``. A record's
+            ``"negative": true`` declares the slide tumor-free (all its tissue normal without an annotation file).
         split: split name for slides not from a manifest.
+        negative: declare slides tumor-free: True for every slide, or the slide ids (file stems) of those that are.
 
     Raises:
-        ConfigError: ``slides`` is a folder with no slide files (or an empty list).
+        ConfigError: ``slides`` is a folder with no slide files (or an empty list), or ``negative`` names a slide
+            that is not there.
     """
     if manifest is not None:
         manifest = Path(manifest)
@@ -345,8 +385,9 @@ def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: 
         for rec in data["slides"]:
             ann = rec.get("asap_xml") or rec.get("geojson") or rec.get("annotation")
             inputs.append(SlideInput(image=str(root / rec["image"]), annotation=str(root / ann) if ann else None,
-                                     slide_id=str(rec["id"]), split=_split_name(rec.get("split", split))))
-        return inputs
+                                     slide_id=str(rec["id"]), split=_split_name(rec.get("split", split)),
+                                     extra={"negative": True} if _declared_negative(rec.get("negative")) else {}))
+        return _mark_negative(inputs, negative)
     if slides is None:
         raise ValueError("give `slides` (a folder, a file or a list of files) or `manifest`.")
     if isinstance(slides, (list, tuple)):
@@ -363,16 +404,24 @@ def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: 
     inputs = []
     for f in files:
         folder = ann_dir or f.parent
-        ann = next((folder / f"{f.stem}{s}" for s in ANNOTATION_SUFFIXES if (folder / f"{f.stem}{s}").exists()), None)
+        # lexists: a broken or looping annotation link is taken, so that reading it fails loudly instead of the
+        # slide silently having no annotation
+        ann = next((folder / f"{f.stem}{s}" for s in ANNOTATION_SUFFIXES if os.path.lexists(folder / f"{f.stem}{s}")),
+                   None)
         if ann is None:
             masks = (folder / f"{f.stem}_mask{s}" for s in (".tif", ".png"))
-            ann = next((m for m in masks if m.exists()), None)
+            ann = next((m for m in masks if os.path.lexists(m)), None)
         inputs.append(SlideInput(image=str(f), annotation=str(ann) if ann else None, split=_split_name(split)))
-    return inputs
+    if ann_dir is not None:
+        for note in unmatched_annotations(inputs, ann_dir):
+            logger.warning("%s", note)
+    return _mark_negative(inputs, negative)
 
 
 def _split_name(split: str) -> str:
-    return {"train": "training", "val": "validation", "valid": "validation", "test": "test"}.get(split, split)
+    aliases = {"train": "training", "training": "training", "val": "validation", "valid": "validation",
+               "validation": "validation", "test": "test"}
+    return aliases.get(split.strip().lower(), split) if isinstance(split, str) else split
 
 
 def prepare_dataset(inputs: list[SlideInput], output_dir: str | os.PathLike, cfg: PrepareConfig | None = None,
@@ -418,3 +467,148 @@ def prepare_dataset(inputs: list[SlideInput], output_dir: str | os.PathLike, cfg
                "slides": {k: {"split": v["split"], "counts": v["counts"]} for k, v in metas.items()}}
     write_json_atomic(output_dir / "summary.json", summary)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reliability helpers (warnings for the summary, declared-negative slides, unmatched annotations, timeouts)
+
+#: splits whose slides must be labelled (annotation file or declared negative)
+LABELLED_SPLITS = ("training", "validation")
+
+
+def _keep_warnings(notes: list[str], warnings: list[str] | None) -> None:
+    for note in notes:
+        logger.warning("%s", note)
+    if warnings is not None:
+        warnings.extend(notes)
+
+
+def _declared_negative(value) -> bool:
+    """A manifest's ``negative`` value: true, 1 or the strings true/yes/1 declare the slide tumor-free."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1")
+    return value is True or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1)
+
+
+def _mark_negative(inputs: list[SlideInput], negative: bool | Sequence[str]) -> list[SlideInput]:
+    if negative is True:
+        for inp in inputs:
+            inp.extra["negative"] = True
+        return inputs
+    if not negative:
+        return inputs
+    wanted = {str(n) for n in ([negative] if isinstance(negative, str) else negative)}
+    by_key = {}
+    for inp in inputs:
+        by_key[inp.slide_id] = inp
+        by_key.setdefault(Path(inp.image).stem, inp)
+    unknown = sorted(wanted - set(by_key))
+    if unknown:
+        raise ConfigError(f"`negative` names slide(s) that are not among the inputs: {unknown}")
+    for name in wanted:
+        by_key[name].extra["negative"] = True
+    return inputs
+
+
+def unmatched_annotations(inputs: Sequence[SlideInput], annotations_dir: str | os.PathLike) -> list[str]:
+    """Warnings for annotation files in ``annotations_dir`` that belong to none of ``inputs`` (a typo in a file
+    name, or annotations of slides that are missing: their slides are not labelled)."""
+    folder = Path(annotations_dir)
+    if not folder.is_dir():
+        return [f"{folder}: annotation folder not found"]
+    used = {Path(i.annotation).name for i in inputs if i.annotation}
+    stems = {Path(i.image).stem for i in inputs} | {i.slide_id for i in inputs}
+    out = []
+    for p in sorted(folder.iterdir()):
+        suffix = p.suffix.lower()
+        is_annotation = suffix in ANNOTATION_SUFFIXES or (p.stem.endswith("_mask") and suffix in (".tif", ".png"))
+        if not is_annotation or p.name in used or p.name in ("manifest.json", "datalist.json", "summary.json"):
+            continue
+        stem = p.stem[:-len("_mask")] if p.stem.endswith("_mask") else p.stem
+        if stem in stems:
+            continue
+        out.append(f"{p}: annotation file matches no slide (no slide named {stem!r}); it is not used")
+    return out
+
+
+def label_warnings(inp: SlideInput, cfg: PrepareConfig | None = None) -> list[str]:
+    """Warnings about how a slide will be labelled, before it is prepared.
+
+    A slide of a labelled split (``training``/``validation``) with neither an annotation file nor a declaration
+    that it is tumor-free (manifest ``"negative": true``, ``collect_inputs(negative=...)``) gets all its tissue
+    marked ``nolabel``: that is reported. A slide declared negative that also has an annotation file is labelled
+    from the annotation; that is reported too.
+    """
+    cfg = cfg or PrepareConfig()
+    negative = bool(inp.extra.get("negative", False))
+    if inp.split in LABELLED_SPLITS and not inp.annotation and not negative:
+        return [f"{inp.image}: {inp.split} slide without an annotation file and not declared negative "
+                "(manifest \"negative\": true): all its tissue is left unlabelled (nolabel) and it adds no "
+                "training patches"]
+    if negative and inp.annotation:
+        return [f"{inp.image}: declared negative but has the annotation {inp.annotation}; labelled from the "
+                "annotation"]
+    if negative and not cfg.exhaustive:
+        return [f"{inp.image}: declared negative, but exhaustive=False leaves its tissue unlabelled"]
+    return []
+
+
+def slide_meta_extras(slide, tissue, grid: PatchGrid, notes: Sequence[str] = ()) -> dict:
+    """The ``warnings`` and ``status`` entries of a slide's ``meta.json``: ``notes`` (from :func:`label_warnings`
+    and ``_label_mask_for(..., warnings=notes)``), the slide's own (no mpp, ...), tissue detection's (sizes with an
+    assumed mpp, ink excluded) and a no-tissue note; ``status`` is ``no_tissue`` for an empty grid, else ``ok``."""
+    out = list(notes) + [f"{slide.path}: {w}" for w in getattr(slide, "warnings", [])]
+    out += [f"{slide.path}: {w}" for w in getattr(tissue, "warnings", [])]
+    ink = float(getattr(tissue, "ink_fraction", 0.0) or 0.0)
+    if ink >= 0.001:
+        out.append(f"{slide.path}: {100 * ink:.1f}% of the thumbnail excluded from tissue as pen marks")
+    status = "no_tissue" if len(grid) == 0 else "ok"
+    if status == "no_tissue":
+        out.append(f"{slide.path}: no tissue: no patch-grid cell reaches the tissue threshold; the slide adds no "
+                   f"patches (tissue is {100 * tissue.fraction:.2f}% of the thumbnail)")
+    return {"warnings": list(dict.fromkeys(out)), "status": status}
+
+
+def slide_status(meta: dict) -> str:
+    """``no_tissue`` for a prepared slide whose grid has no cell, else ``ok``."""
+    return "no_tissue" if int(meta.get("counts", {}).get("cells", 0)) == 0 else "ok"
+
+
+def validate_prepare_config(cfg: PrepareConfig) -> None:
+    """Check the settings whose bad values would otherwise fail every slide one by one (or, worse, run).
+
+    Raises:
+        ConfigError: ``mpp``/``target_mpp`` not positive, ``slide_timeout_s`` negative, or
+            ``annotation_max_outside_fraction`` outside [0, 1].
+    """
+    from monai_wsi_ext.io.wsi import validate_mpp
+
+    validate_mpp(cfg.mpp, "mpp")
+    validate_mpp(cfg.target_mpp, "target_mpp")
+    timeout = getattr(cfg, "slide_timeout_s", None)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not np.isfinite(timeout) or timeout < 0):
+        raise ConfigError(f"`slide_timeout_s` must be a positive number of seconds (None or 0: no limit), got "
+                          f"{timeout!r}.")
+    frac = getattr(cfg, "annotation_max_outside_fraction", 1.0)
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= float(frac) <= 1.0:
+        raise ConfigError(f"`annotation_max_outside_fraction` must be in [0, 1], got {frac!r}.")
+
+
+def slide_timeout_for(cfg: PrepareConfig, inp: SlideInput):
+    """The per-slide time limit of ``cfg`` (``cfg.slide_timeout_s``, None: no limit) as a context manager."""
+    from monai_wsi_ext.io.wsi import slide_timeout
+
+    return slide_timeout(getattr(cfg, "slide_timeout_s", None), inp.image)
+
+
+def summary_warnings(metas: dict, dataset_warnings: Sequence[str] = ()) -> dict:
+    """The ``warnings`` entry of ``summary.json``: every per-slide warning (``meta["warnings"]``) by slide id,
+    and the dataset-level ones (annotation files that match no slide, ...) under ``"dataset"``."""
+    out: dict = {"dataset": list(dataset_warnings)} if dataset_warnings else {}
+    for sid, meta in metas.items():
+        notes = list(meta.get("warnings") or [])
+        if notes:
+            out[sid] = notes
+    return out
+

@@ -1,29 +1,45 @@
-"""Tissue detection on a low-resolution image of the slide: Otsu threshold, then small objects and holes removed."""
+"""Tissue detection on a low-resolution image of the slide: Otsu threshold, then small objects and holes removed.
+
+Pen marks (ink) are excluded by default: pixels that are very dark and neutral or bluish (black ink), saturated blue
+or saturated green, in blobs wider than about 20 µm (thinner coloured fringes at tissue edges are kept), widened by
+that margin. H&E never stains green, blue-black or black-neutral, and hematoxylin is violet rather than blue; dark
+anthracotic pigment in lymph nodes can be taken for black ink. ``exclude_ink=False`` turns it off.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+from scipy import ndimage
 from skimage import color, filters, morphology, transform
 
 from monai_wsi_ext.errors import TissueError
 from monai_wsi_ext.io.atomic import atomic_path
 from monai_wsi_ext.io.wsi import Slide
 
-__all__ = ["TissueMask", "detect_tissue", "tissue_mask_from_image", "load_external_mask", "save_mask_png",
-           "load_mask_png"]
+__all__ = ["TissueMask", "detect_tissue", "tissue_mask_from_image", "ink_mask", "load_external_mask", "save_mask_png",
+           "load_mask_png", "ASSUMED_MPP"]
 
 logger = logging.getLogger(__name__)
 
 # Floors under the Otsu threshold: a blank slide has a bimodal-looking noise histogram too, and Otsu would call
 # half of the glass "tissue". Stained tissue is well above these.
 _MIN_THRESHOLD = {"saturation": 0.05, "gray": 0.04, "od": 0.06}
+
+#: level-0 µm/px assumed for the µm-based settings of tissue detection when a slide has no mpp (reported)
+ASSUMED_MPP = 0.5
+# ink colours (HSV in [0, 1]): black ink is very dark and neutral or bluish; blue and green inks are saturated
+_INK_DARK_V, _INK_DARK_NEUTRAL_S = 0.2, 0.25
+_INK_BLUE_HUE, _INK_BLUE_S = (0.5, 0.68), 0.35  # hematoxylin is violet (hue > 0.7), eosin pink (> 0.85)
+_INK_GREEN_HUE, _INK_GREEN_S = (0.2, 0.5), 0.2
+# half-width of the ink blobs kept (thinner structures, e.g. cyan fringes at tissue edges, are not ink)
+_INK_RADIUS_UM = 10.0
 
 
 @dataclass
@@ -35,12 +51,16 @@ class TissueMask:
         downsample: level-0 pixels per mask pixel.
         threshold: the threshold applied (on the chosen channel), or None for an external mask.
         channel: ``saturation``, ``gray``, ``od`` or ``external``.
+        ink_fraction: fraction of the image excluded as pen marks (0 when ink exclusion is off).
+        warnings: problems worth a line in a run's summary (e.g. sizes converted with an assumed mpp), as text.
     """
 
     mask: np.ndarray
     downsample: float
     threshold: float | None = None
     channel: str = "saturation"
+    ink_fraction: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -58,11 +78,37 @@ def _channel(image: np.ndarray, channel: str) -> np.ndarray:
     raise ValueError(f"`channel` must be 'saturation', 'gray' or 'od', got {channel!r}.")
 
 
+def ink_mask(image: np.ndarray, radius_px: int = 1) -> np.ndarray:
+    """Pen marks in an RGB image: very dark neutral/bluish, saturated blue or saturated green pixels, in blobs at
+    least ``2 * radius_px + 1`` pixels wide, widened by ``radius_px + 1`` pixels (their anti-aliased edges).
+
+    Args:
+        image: ``(h, w, 3)`` uint8 RGB.
+        radius_px: radius of the opening that drops thin structures (>= 0; 0 keeps every ink-coloured pixel).
+
+    Returns:
+        ``(h, w)`` bool mask, True on ink.
+    """
+    hsv = color.rgb2hsv(image[..., :3].astype(np.float32) / 255.0)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    bluish = (hue >= 0.45) & (hue < _INK_BLUE_HUE[1])
+    dark = (val < _INK_DARK_V) & ((sat < _INK_DARK_NEUTRAL_S) | bluish)
+    blue = (hue >= _INK_BLUE_HUE[0]) & (hue < _INK_BLUE_HUE[1]) & (sat >= _INK_BLUE_S)
+    green = (hue >= _INK_GREEN_HUE[0]) & (hue < _INK_GREEN_HUE[1]) & (sat >= _INK_GREEN_S)
+    ink = dark | blue | green
+    radius_px = int(max(radius_px, 0))
+    if radius_px > 0 and ink.any():
+        ink = ndimage.binary_opening(ink, structure=morphology.disk(radius_px))
+    if ink.any():
+        ink = ndimage.binary_dilation(ink, structure=morphology.disk(radius_px + 1))
+    return ink
+
+
 def tissue_mask_from_image(
     image: np.ndarray, downsample: float = 1.0, channel: str = "saturation", min_object_px: int = 64,
-    min_hole_px: int = 64, min_threshold: float | None = None,
+    min_hole_px: int = 64, min_threshold: float | None = None, exclude_ink: bool = True, ink_radius_px: int = 1,
 ) -> TissueMask:
-    """Otsu tissue mask of an RGB image.
+    """Otsu tissue mask of an RGB image, without pen marks unless ``exclude_ink=False``.
 
     Args:
         image: ``(h, w, 3)`` uint8 RGB (a thumbnail).
@@ -72,22 +118,34 @@ def tissue_mask_from_image(
         min_object_px: connected tissue components smaller than this many mask pixels are removed.
         min_hole_px: holes smaller than this many mask pixels are filled.
         min_threshold: floor under the Otsu threshold (defaults per channel), so near-blank glass stays empty.
+        exclude_ink: remove pen marks (:func:`ink_mask`) from the tissue; the Otsu threshold is computed without
+            them too.
+        ink_radius_px: see :func:`ink_mask`.
     """
     values = _channel(image, channel)
+    ink = ink_mask(image, ink_radius_px) if exclude_ink else np.zeros(values.shape, bool)
     floor = _MIN_THRESHOLD[channel] if min_threshold is None else float(min_threshold)
+    sample = values[~ink] if ink.any() and not ink.all() else values.ravel()
     try:
-        otsu = float(filters.threshold_otsu(values)) if np.ptp(values) > 0 else float(values.max())
+        otsu = float(filters.threshold_otsu(sample)) if np.ptp(sample) > 0 else float(sample.max())
     except ValueError:
         otsu = floor
     threshold = max(otsu, floor)
-    mask = values > threshold
+    mask = (values > threshold) & ~ink
     if min_object_px > 0:
         mask = morphology.remove_small_objects(mask, max_size=int(min_object_px) - 1) if _has_max_size() else \
             morphology.remove_small_objects(mask, min_size=int(min_object_px))
     if min_hole_px > 0:
         mask = morphology.remove_small_holes(mask, max_size=int(min_hole_px) - 1) if _has_max_size() else \
             morphology.remove_small_holes(mask, area_threshold=int(min_hole_px))
-    return TissueMask(mask=mask.astype(bool), downsample=float(downsample), threshold=threshold, channel=channel)
+    if ink.any():
+        # holes left by ink inside tissue must stay out; fragments cut off by a stroke go like other small objects
+        mask &= ~ink
+        if min_object_px > 0:
+            mask = morphology.remove_small_objects(mask, max_size=int(min_object_px) - 1) if _has_max_size() else \
+                morphology.remove_small_objects(mask, min_size=int(min_object_px))
+    return TissueMask(mask=mask.astype(bool), downsample=float(downsample), threshold=threshold, channel=channel,
+                      ink_fraction=float(ink.mean()) if ink.size else 0.0)
 
 
 def _has_max_size() -> bool:
@@ -100,8 +158,12 @@ def _has_max_size() -> bool:
 def detect_tissue(
     slide: Slide, level: int | None = None, max_size: int = 2048, channel: str = "saturation",
     min_object_um2: float = 20000.0, min_hole_um2: float = 20000.0, external_mask: str | os.PathLike | None = None,
+    exclude_ink: bool = True,
 ) -> TissueMask:
     """Detect tissue on a low-resolution image of ``slide`` (or load an external mask instead).
+
+    The thumbnail read is bounded (see :meth:`~monai_wsi_ext.io.wsi.Slide.thumbnail`); with ``external_mask`` the
+    slide is not read at all.
 
     Args:
         slide: an open slide.
@@ -109,18 +171,26 @@ def detect_tissue(
         max_size: longest side of the thumbnail when ``level`` is None.
         channel: see :func:`tissue_mask_from_image`.
         min_object_um2: smallest tissue component kept, in µm² (converted with the slide's mpp; 0.5 µm/px assumed
-            when the slide has none).
+            when the slide has none, and said so in ``warnings``).
         min_hole_um2: largest hole filled, in µm².
         external_mask: a PNG/TIFF mask (nonzero = tissue) to use instead of Otsu; it is resized to the thumbnail.
+        exclude_ink: remove pen marks from the tissue (see :func:`ink_mask`).
     """
-    image, downsample = slide.thumbnail(max_size=max_size, level=level)
     if external_mask is not None:
-        mask = load_external_mask(external_mask, image.shape[:2])
+        _, _, shape, downsample = slide.thumbnail_geometry(max_size=max_size, level=level, max_read_pixels=2 ** 62)
+        mask = load_external_mask(external_mask, shape)
         return TissueMask(mask=mask, downsample=downsample, threshold=None, channel="external")
-    mpp = slide.mpp if slide.mpp is not None else 0.5
-    px_um2 = (mpp * downsample) ** 2
-    result = tissue_mask_from_image(image, downsample, channel, min_object_px=int(min_object_um2 / px_um2),
-                                    min_hole_px=int(min_hole_um2 / px_um2))
+    image, downsample = slide.thumbnail(max_size=max_size, level=level)
+    mpp = slide.mpp if slide.mpp is not None else ASSUMED_MPP
+    px_um = mpp * downsample
+    result = tissue_mask_from_image(image, downsample, channel, min_object_px=int(min_object_um2 / px_um ** 2),
+                                    min_hole_px=int(min_hole_um2 / px_um ** 2), exclude_ink=exclude_ink,
+                                    ink_radius_px=max(1, int(round(_INK_RADIUS_UM / px_um))))
+    if slide.mpp is None:
+        result.warnings.append(f"no mpp: tissue detection's size settings (min_object_um2={min_object_um2:g}, "
+                               f"min_hole_um2={min_hole_um2:g}, the ink blob width) assumed {ASSUMED_MPP} µm/px")
+    if result.ink_fraction > 0:
+        logger.info("%s: %.2f%% of the thumbnail excluded as pen marks", slide.path, 100 * result.ink_fraction)
     logger.debug("%s: tissue %.1f%% of the thumbnail (threshold %.3f on %s)", slide.path, 100 * result.fraction,
                  result.threshold, channel)
     return result
