@@ -143,8 +143,10 @@ def _run(kind, tiny, tmp_path, **overrides) -> tuple[subprocess.CompletedProcess
 def _check_run(rec: Path, ckpt_dir: Path, name: str, fresh_net: torch.nn.Module, log_dir: Path) -> None:
     from monai_wsi_ext.model.networks import read_state_dict
 
-    # one checkpoint, written once, holding the inner module's weights (no "module." prefix)
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == [name]
+    # the best model and the resumable checkpoint beside it; the best model holds the inner module's weights
+    # (no "module." prefix)
+    stem = name.rsplit(".", 1)[0]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted([name, f"{stem}_resume.pt"])
     raw = torch.load(ckpt_dir / name, map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in raw), list(raw)[:3]
     fresh_net.load_state_dict(read_state_dict(ckpt_dir / name), strict=True)
