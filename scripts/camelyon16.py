@@ -120,12 +120,12 @@ def _overlay_prepare_config(**overrides: Any):
     top-level keys such as ``mpp`` or ``patch_size``)."""
     from monai.bundle import ConfigParser
 
-    from monai_wsi_ext.prep.prepare import PrepareConfig
+    from monai_wsi_ext.prep.prepare import settings_from_parser
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "inference.json"), str(OVERLAY)])
     parser.update(overrides)
-    return PrepareConfig(**parser.get_parsed_content("prepare")), parser
+    return settings_from_parser(parser), parser
 
 
 def prepare(manifest: str = "camelyon16/manifest.json", output_dir: str | None = None, overwrite: bool = False,

@@ -1,34 +1,44 @@
 """Prepare slides for training and inference: tissue mask, labelled patch grid, MONAI datalist.
 
+The settings are the bundle's (``bundle/configs/common.json#prepare``, the same that inference on new slides
+uses), with an overlay's when ``--config`` names one and the flags below on top. The same run as a bundle
+workflow: ``python -m monai.bundle run --config_file "['bundle/configs/common.json','bundle/configs/prepare.json']"
+--manifest demo_output/data/manifest.json --output_dir demo_output/prepared``.
+
 Example:
     python scripts/prepare_dataset.py --manifest demo_output/data/manifest.json --output_dir demo_output/prepared
     python scripts/prepare_dataset.py --slides /data/camelyon16/images --annotations /data/camelyon16/xml \\
         --mpp 0.243 --target_mpp 0.5 --output_dir prepared
+    python scripts/prepare_dataset.py --manifest camelyon16/manifest.json --config configs/datasets/camelyon16.json
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 __all__ = ["main"]
 
-logger = logging.getLogger("prepare_dataset")
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+#: the flags that override a ``prepare`` setting (None: keep the config's value)
+SETTINGS = ("patch_size", "level", "target_mpp", "mpp", "backend", "tissue_threshold", "tumor_threshold",
+            "normal_threshold", "exhaustive", "thumbnail_max_size", "exclude_ink", "annotation_max_outside_fraction",
+            "clip_annotations", "slide_timeout_s")
 
 
-def _as_slides(slides) -> str | list[str] | None:
-    """Normalise ``--slides`` to a path or a list of paths.
+def _as_list(value) -> str | list[str] | None:
+    """Normalise a path-or-list flag (``--slides``, ``--negative``) to a path or a list of strings.
 
     Fire parses ``"[a,b]"`` into a list only when the items are plain words; with paths (``/``, ``.``) it hands
     over the string itself, which is split here. It may also turn a bare name like ``001`` into a number.
     """
-    if slides is None:
-        return None
-    if isinstance(slides, (list, tuple)):
-        return [str(s) for s in slides]
-    text = str(slides).strip()
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [str(s) for s in value]
+    text = str(value).strip()
     if text.startswith("[") and text.endswith("]"):
         return [s.strip().strip("'\"") for s in text[1:-1].split(",") if s.strip()]
     return text
@@ -40,93 +50,90 @@ def main(
     annotations: str | None = None,
     manifest: str | None = None,
     split: str = "training",
-    patch_size: int = 256,
-    level: int = 0,
+    negative: bool | str | list[str] = False,
+    config: str | None = None,
+    patch_size: int | None = None,
+    level: int | None = None,
     target_mpp: float | None = None,
     mpp: float | None = None,
-    backend: str = "auto",
-    tissue_threshold: float = 0.8,
-    tumor_threshold: float = 0.2,
-    normal_threshold: float = 0.8,
-    exhaustive: bool = True,
-    thumbnail_max_size: int = 2048,
+    backend: str | None = None,
+    tissue_threshold: float | None = None,
+    tumor_threshold: float | None = None,
+    normal_threshold: float | None = None,
+    exhaustive: bool | None = None,
+    thumbnail_max_size: int | None = None,
+    exclude_ink: bool | None = None,
+    annotation_max_outside_fraction: float | None = None,
+    clip_annotations: bool | None = None,
+    slide_timeout_s: float | None = None,
     overwrite: bool = False,
     log_level: str = "INFO",
 ) -> None:
     """Detect tissue, lay the patch grid, label it from annotations and write a MONAI datalist.
 
-    For every slide, ``<output_dir>/<slide_id>/`` receives ``patches.csv``, ``tissue_mask.png`` and ``meta.json``;
-    ``<output_dir>/datalist.json`` holds ``PatchWSIDataset`` items per split (``location`` is the level-0
-    ``[y, x]`` of the patch's top-left corner) and ``summary.json`` what was done. Slides already prepared with the
-    same settings and inputs are skipped unless ``--overwrite``. A slide that cannot be read is reported and the
-    others go on; the exit status is then 1.
+    For every slide, ``<output_dir>/<slide_id>/`` receives ``patches.csv``, ``tissue_mask.png`` and ``meta.json``
+    (written last, with the other files' SHA-256: the slide's "done" marker); ``<output_dir>/datalist.json`` holds
+    ``PatchWSIDataset`` items per split (``location`` is the level-0 ``[y, x]`` of the patch's top-left corner)
+    and ``summary.json`` what was done and every warning. Slides already prepared with the same settings and
+    inputs are skipped unless ``--overwrite``; runs into the same ``output_dir`` add their slides to it (one run
+    per split works). A slide that cannot be read is reported and the others go on; the exit status is then 1
+    (2 for bad settings or inputs).
 
     Args:
         slides: a folder of slides, one slide file, or a list (``--slides "[a.svs,b.svs]"``).
         output_dir: where the outputs go.
         annotations: folder with annotations named after the slides (``<stem>.xml``/``.geojson``/``.json`` or a
-            label mask ``<stem>_mask.tif``/``.png``, 1 or 255 = tumor; a pyramidal mask TIFF is read at the
-            coarsest level with 16 mask pixels per cell side); defaults to the slides' own folder.
-        manifest: a dataset ``manifest.json`` (from the synthetic generator) instead of ``slides``; its splits
-            are used.
+            label mask ``<stem>_mask.tif``/``.png``, 1 or 255 = tumor); defaults to the slides' own folder.
+            Files there that match no slide are listed in the summary's warnings.
+        manifest: a dataset ``manifest.json`` instead of ``slides``; its splits (and ``"negative": true``) are used.
         split: split name for ``slides`` (``training``, ``validation``, ``test``; ``train``/``val`` accepted).
+        negative: declare slides tumor-free (all tissue normal without an annotation): ``--negative`` for all, or
+            slide ids (``--negative "[n1,n2]"``).
+        config: an overlay with its own ``prepare`` section (e.g. ``configs/datasets/camelyon16.json``).
         patch_size: patch side in pixels at the read level.
         level: pyramid level patches are read at (ignored with ``target_mpp``).
         target_mpp: read at the level whose µm/px is within 10 % of this instead.
-        mpp: level-0 µm/px to use instead of the file's, for every slide (needed when a file has none;
-            Camelyon16: 0.243).
-        backend: slide reader: ``auto`` (cuCIM, then OpenSlide, then tiffslide), ``cucim``, ``openslide`` or
-            ``tiffslide``.
+        mpp: level-0 µm/px to use instead of the file's, for every slide (Camelyon16: 0.243).
+        backend: slide reader: ``auto``, ``cucim``, ``openslide`` or ``tiffslide``.
         tissue_threshold: minimum tissue fraction of a kept patch.
         tumor_threshold: minimum annotated tumor fraction of a tumor patch.
         normal_threshold: minimum normal fraction of a normal patch.
         exhaustive: the annotations mark all tumor, so unannotated tissue is normal (``--noexhaustive`` for
             partially annotated slides).
         thumbnail_max_size: longest side of the image tissue detection runs on.
-        overwrite: redo slides that are already prepared.
+        exclude_ink: leave pen marks out of the tissue (``--noexclude_ink`` to keep them).
+        annotation_max_outside_fraction: fail a slide when more than this fraction of its annotated area lies
+            outside it (default 1.0: all of it).
+        clip_annotations: clip such annotations to the slide instead.
+        slide_timeout_s: time limit per slide (seconds); a slide over it fails and the batch goes on.
+        overwrite: redo slides that are already prepared (and allow moving a slide to another split).
         log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
     """
-    logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    slides = _as_slides(slides)
+    slides = _as_list(slides)
     if slides is None and manifest is None:
         print("error: give --slides (a folder, a file or a list of files) or --manifest", file=sys.stderr)
         sys.exit(2)
     # imported here so that --help and argument errors answer without loading torch and MONAI
     from monai_wsi_ext.errors import ConfigError
-    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.prep.prepare import run_prepare, settings_from_bundle
+    from monai_wsi_ext.utils import setup_logging
 
-    cfg = PrepareConfig(
-        patch_size=int(patch_size), level=int(level), target_mpp=None if target_mpp is None else float(target_mpp),
-        mpp=None if mpp is None else float(mpp), backend=str(backend), tissue_threshold=float(tissue_threshold),
-        tumor_threshold=float(tumor_threshold), normal_threshold=float(normal_threshold), exhaustive=bool(exhaustive),
-        thumbnail_max_size=int(thumbnail_max_size),
-    )
+    setup_logging(log_level)
+    given = dict(patch_size=patch_size, level=level, target_mpp=target_mpp, mpp=mpp, backend=backend,
+                 tissue_threshold=tissue_threshold, tumor_threshold=tumor_threshold,
+                 normal_threshold=normal_threshold, exhaustive=exhaustive, thumbnail_max_size=thumbnail_max_size,
+                 exclude_ink=exclude_ink, annotation_max_outside_fraction=annotation_max_outside_fraction,
+                 clip_annotations=clip_annotations, slide_timeout_s=slide_timeout_s)
+    files = [CONFIGS / "common.json"] + ([Path(config)] if config else [])
     try:
-        inputs = collect_inputs(slides=slides, annotations=annotations, manifest=manifest, split=str(split))
+        if config and not Path(config).is_file():
+            raise ConfigError(f"--config {config}: file not found")
+        cfg = settings_from_bundle(files, **{f"prepare#{k}": v for k, v in given.items() if v is not None})
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if not inputs:
-        print(f"error: no slides found in {slides!r}", file=sys.stderr)
-        sys.exit(1)
-    summary = prepare_dataset(inputs, output_dir, cfg, overwrite=bool(overwrite))
-
-    per_split: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for info in summary["slides"].values():
-        for key, n in info["counts"].items():
-            per_split[info["split"]][key] += n
-    done, skipped, failed = summary["done"], summary["skipped"], summary["failed"]
-    print(f"{len(inputs)} slide(s) -> {Path(output_dir)}: {len(done)} done, {len(skipped)} skipped "
-          f"(already prepared), {len(failed)} failed")
-    for slide_id, reason in failed.items():
-        print(f"  FAILED {slide_id}: {reason}")
-    for split_name, c in sorted(per_split.items()):
-        print(f"  {split_name}: {c['cells']} patches ({c['tumor']} tumor, {c['normal']} normal, "
-              f"{c['nolabel']} without label)")
-    print(f"datalist: {summary['datalist']}")
-    if failed:
-        sys.exit(1)
+        sys.exit(2)
+    run_prepare(output_dir, cfg, slides=slides, annotations=annotations, manifest=manifest, split=str(split),
+                negative=_as_list(negative), overwrite=bool(overwrite))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,13 @@
 Per slide ``<output_dir>/<slide_id>/`` holds ``patches.csv`` (the patch table), ``tissue_mask.png`` (with its
 downsample in a PNG text chunk) and ``meta.json`` (slide geometry, grid shape, counts, the settings used). The
 batch writes ``datalist.json`` (MONAI ``PatchWSIDataset`` items, grouped by split) and ``summary.json``
-(which slides failed and why). ``meta.json`` is written last, so a slide with a ``meta.json`` is complete.
+(which slides failed and why, every per-slide warning).
+
+``meta.json`` is the slide's "done" marker: a rewrite removes it first, it is written last, and it records the
+SHA-256 of the other two files and the settings. A slide is taken as prepared only when its ``meta.json`` matches
+the settings and inputs of the run and both files still hash as recorded, so a kill between any two writes (even
+over an output of other settings) means "redo", never a stale mix. Runs into the same output folder add to it:
+the datalist holds every prepared slide of the folder, by split.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,10 +30,14 @@ from monai_wsi_ext.prep.grid import PatchGrid, PatchLabel, label_cells, make_gri
 from monai_wsi_ext.io.atomic import write_json_atomic
 from monai_wsi_ext.prep.tissue import TissueMask, detect_tissue, save_mask_png
 from monai_wsi_ext.io.wsi import Slide, open_slide
-from monai_wsi_ext.utils import split_set
+from monai_wsi_ext.utils import file_sha256, split_set
 
 __all__ = ["PrepareConfig", "SlideInput", "PreparedSlide", "reader_mpp", "prepare_in_memory", "write_prepared",
-           "load_prepared", "load_prepared_slides", "prepare_slide", "prepare_dataset", "collect_inputs", "datalist_items"]
+           "load_prepared", "load_prepared_slides", "prepare_slide", "prepare_dataset", "collect_inputs",
+           "datalist_items",
+           "prepared_is_valid", "unmatched_annotations", "label_warnings", "settings_from_bundle",
+           "settings_from_parser", "run_prepare",
+           "format_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +72,12 @@ class PrepareConfig:
             Camelyon16's use 1 or 255).
         label_mask_normal_values: values that mean normal (none by default: with ``exhaustive`` the unannotated
             tissue is normal).
+        exclude_ink: leave pen marks (very dark or saturated blue/green/black) out of the tissue.
+        annotation_max_outside_fraction: a slide whose annotated area lies outside it by more than this fraction
+            fails (default 1.0: only when all of it is outside, e.g. annotations in another level's coordinates).
+        clip_annotations: clip such annotations to the slide instead of failing.
+        slide_timeout_s: time limit per slide in seconds (None: no limit); a slide over it fails, the batch goes
+            on. Not part of the settings fingerprint (it does not change the outputs).
     """
 
     patch_size: int = 256
@@ -82,9 +99,18 @@ class PrepareConfig:
     class_map: dict | None = None
     label_mask_tumor_values: tuple = (1, 255)
     label_mask_normal_values: tuple = ()
+    exclude_ink: bool = True
+    annotation_max_outside_fraction: float = 1.0
+    clip_annotations: bool = False
+    slide_timeout_s: float | None = None
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Hash of the settings that change the outputs (everything but ``slide_timeout_s``)."""
+        settings = {k: v for k, v in asdict(self).items() if k not in _NOT_FINGERPRINTED}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_NOT_FINGERPRINTED = ("slide_timeout_s",)
 
 
 @dataclass
@@ -146,8 +172,8 @@ def _label_mask_for(inp: SlideInput, cfg: PrepareConfig, slide_size: tuple[int, 
     notes += [str(w.message) for w in caught if issubclass(w.category, ann.AnnotationWarning)]
     notes += ann.annotation_warnings(polygons, path)
     polygons, extent_notes = ann.check_annotation_extent(
-        polygons, (width, height), max_outside_fraction=float(getattr(cfg, "annotation_max_outside_fraction", 1.0)),
-        clip=bool(getattr(cfg, "clip_annotations", False)), path_for_errors=path)
+        polygons, (width, height), max_outside_fraction=float(cfg.annotation_max_outside_fraction),
+        clip=bool(cfg.clip_annotations), path_for_errors=path)
     notes += extent_notes
     with pywarnings.catch_warnings(record=True) as caught:
         pywarnings.simplefilter("always", ann.AnnotationWarning)
@@ -225,6 +251,9 @@ def prepare_in_memory(inp: SlideInput, cfg: PrepareConfig | None = None, slide: 
         MonaiWsiExtError: the slide or its annotation cannot be read (``WSIReadError``/``AnnotationError``).
     """
     cfg = cfg or PrepareConfig()
+    notes = label_warnings(inp, cfg)
+    for note in notes:
+        logger.warning("%s", note)
     slide = slide or open_slide(inp.image, backend=cfg.backend, mpp=inp.extra.get("mpp", cfg.mpp))
     try:
         level = slide.level_for_mpp(cfg.target_mpp, cfg.mpp_rtol) if cfg.target_mpp else int(cfg.level)
@@ -232,11 +261,12 @@ def prepare_in_memory(inp: SlideInput, cfg: PrepareConfig | None = None, slide: 
             raise MonaiWsiExtError(f"{inp.image}: level {level} requested but the slide has {slide.level_count}")
         tissue = detect_tissue(slide, level=cfg.tissue_level, max_size=cfg.thumbnail_max_size,
                                channel=cfg.tissue_channel, min_object_um2=cfg.min_object_um2,
-                               min_hole_um2=cfg.min_hole_um2, external_mask=inp.tissue_mask)
+                               min_hole_um2=cfg.min_hole_um2, external_mask=inp.tissue_mask,
+                               exclude_ink=cfg.exclude_ink)
         grid = make_grid(inp.slide_id, slide.dimensions, tissue.mask, tissue.downsample, cfg.patch_size, level,
                          slide.level_downsamples[level], cfg.tissue_threshold)
         if inp.annotation:
-            label_mask, label_ds = _label_mask_for(inp, cfg, slide.dimensions, grid.cell_size)
+            label_mask, label_ds = _label_mask_for(inp, cfg, slide.dimensions, grid.cell_size, warnings=notes)
             label_cells(grid, label_mask, label_ds, tissue.mask, tissue.downsample, exhaustive=cfg.exhaustive,
                         tumor_threshold=cfg.tumor_threshold, normal_threshold=cfg.normal_threshold)
         elif cfg.exhaustive and inp.extra.get("negative", False):
@@ -257,22 +287,49 @@ def prepare_in_memory(inp: SlideInput, cfg: PrepareConfig | None = None, slide: 
         "tissue_threshold_value": tissue.threshold, "counts": grid.counts(), "config": asdict(cfg),
         "config_fingerprint": cfg.fingerprint(), "input_signature": _signature(inp),
     }
+    meta.update(slide_meta_extras(slide, tissue, grid, notes))
     if len(grid) == 0:
         logger.warning("%s: no patch-grid cell has >= %.0f%% tissue (tissue is %.2f%% of the thumbnail); the slide "
                        "contributes no patches", inp.image, 100 * cfg.tissue_threshold, 100 * tissue.fraction)
     return PreparedSlide(inp.slide_id, meta["image"], grid, meta, slide=slide, tissue=tissue)
 
 
+#: the files of a prepared slide that its ``meta.json`` covers by hash
+PREPARED_FILES = ("tissue_mask.png", "patches.csv")
+
+
 def write_prepared(prepared: PreparedSlide, output_dir: str | os.PathLike) -> dict:
-    """Write a slide's prepared folder (tissue mask, patch table, then ``meta.json`` last: its presence marks the
-    slide as complete) and return the meta."""
+    """Write a slide's prepared folder and return the meta.
+
+    The old ``meta.json`` (the "done" marker) is removed first, then the tissue mask and the patch table are
+    written (each atomically), then ``meta.json`` with their SHA-256 (``files``): a kill at any point leaves a
+    folder that :func:`prepared_is_valid` refuses.
+    """
     out = Path(output_dir) / prepared.slide_id
     out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
     save_mask_png(out / "tissue_mask.png", prepared.tissue)
     write_patch_table(out / "patches.csv", prepared.grid)
+    prepared.meta["files"] = {name: file_sha256(out / name) for name in PREPARED_FILES}
     write_json_atomic(out / "meta.json", prepared.meta)
     prepared.dir = str(out)
     return prepared.meta
+
+
+def prepared_is_valid(slide_dir: str | os.PathLike, meta: dict) -> str | None:
+    """Why the prepared folder ``slide_dir`` does not match its ``meta.json`` (``meta``), or None when it does: a
+    file it covers is missing or its SHA-256 differs (a run was killed between writes, or a file was edited)."""
+    slide_dir = Path(slide_dir)
+    recorded = meta.get("files")
+    if not isinstance(recorded, dict):
+        return f"{slide_dir / 'meta.json'} records no file hashes (written by an older version)"
+    for name in PREPARED_FILES:
+        path = slide_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if recorded.get(name) != file_sha256(path):
+            return f"{path} does not match the SHA-256 in {slide_dir / 'meta.json'}"
+    return None
 
 
 def prepare_slide(inp: SlideInput, output_dir: str | os.PathLike, cfg: PrepareConfig | None = None) -> dict:
@@ -291,10 +348,30 @@ def prepare_slide(inp: SlideInput, output_dir: str | os.PathLike, cfg: PrepareCo
         prepared.close()
 
 
+def _read_meta(slide_dir: Path) -> dict | None:
+    try:
+        meta = json.loads((slide_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def load_prepared(slide_dir: str | os.PathLike) -> PreparedSlide:
-    """A prepared slide read back from its folder (``meta.json`` and ``patches.csv``)."""
+    """A prepared slide read back from its folder (``meta.json`` and ``patches.csv``).
+
+    Raises:
+        MonaiWsiExtError: the folder is incomplete or its files do not match its ``meta.json`` (rerun
+            ``prepare_dataset.py`` on it).
+    """
     slide_dir = Path(slide_dir)
-    meta = json.loads((slide_dir / "meta.json").read_text())
+    meta = _read_meta(slide_dir)
+    if meta is None:
+        raise MonaiWsiExtError(f"{slide_dir}: no readable meta.json: the slide is not (completely) prepared; rerun "
+                               "scripts/prepare_dataset.py")
+    problem = prepared_is_valid(slide_dir, meta)
+    if problem:
+        raise MonaiWsiExtError(f"{slide_dir}: incomplete or stale prepared slide ({problem}); rerun "
+                               "scripts/prepare_dataset.py")
     grid = read_patch_table(slide_dir / "patches.csv", shape=tuple(meta["grid_shape"]), cell_size=meta["cell_size"])
     return PreparedSlide(meta["slide_id"], meta["image"], grid, meta, dir=str(slide_dir))
 
@@ -322,14 +399,15 @@ def _signature(inp: SlideInput) -> dict:
 
 
 def _is_done(inp: SlideInput, output_dir: Path, cfg: PrepareConfig) -> dict | None:
-    meta_path = output_dir / inp.slide_id / "meta.json"
-    if not meta_path.exists():
+    """The slide's meta when its folder is complete and was made from the same inputs, settings and split."""
+    slide_dir = output_dir / inp.slide_id
+    meta = _read_meta(slide_dir)
+    if meta is None or meta.get("config_fingerprint") != cfg.fingerprint() or \
+            meta.get("input_signature") != _signature(inp) or meta.get("split") != inp.split:
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if meta.get("config_fingerprint") != cfg.fingerprint() or meta.get("input_signature") != _signature(inp):
+    problem = prepared_is_valid(slide_dir, meta)
+    if problem:
+        logger.warning("%s: redone (%s)", inp.image, problem)
         return None
     return meta
 
@@ -425,20 +503,40 @@ def _split_name(split: str) -> str:
 
 
 def prepare_dataset(inputs: list[SlideInput], output_dir: str | os.PathLike, cfg: PrepareConfig | None = None,
-                    overwrite: bool = False, progress: bool = True) -> dict:
+                    overwrite: bool = False, progress: bool = True, dataset_warnings: Sequence[str] = ()) -> dict:
     """Prepare every slide; a slide that fails is reported and skipped, the others finish.
+
+    Runs into the same ``output_dir`` add to it (e.g. ``--split training`` then ``--split validation``): the
+    datalist holds every complete prepared slide of the folder by split, this run's and earlier runs'.
+
+    Args:
+        inputs: the slides (see :func:`collect_inputs`).
+        output_dir: the prepared folder.
+        cfg: the settings.
+        overwrite: redo slides already prepared (and allow moving a slide to another split).
+        progress: show a progress bar.
+        dataset_warnings: warnings about the inputs as a whole (e.g. :func:`unmatched_annotations`) for the summary.
 
     Returns:
         the summary (also written to ``summary.json``): ``done``, ``skipped`` (already prepared), ``failed``
-        (slide id -> reason) and the datalist path.
+        (slide id -> reason), ``kept`` (slides of earlier runs in the folder), the datalist path, ``slides``
+        (split, counts and status of every slide in the datalist) and ``warnings`` (per slide, and ``dataset``).
+
+    Raises:
+        ConfigError: bad settings (:func:`validate_prepare_config`), repeated slide ids, or a slide already prepared
+            in this folder under another split (without ``overwrite``).
     """
     cfg = cfg or PrepareConfig()
+    validate_prepare_config(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ids = [i.slide_id for i in inputs]
     dupes = {s for s in ids if ids.count(s) > 1}
     if dupes:
-        raise ValueError(f"slide ids must be unique, these repeat: {sorted(dupes)}")
+        raise ConfigError(f"slide ids must be unique, these repeat: {sorted(dupes)}")
+    earlier = _earlier_slides(output_dir, exclude=set(ids))
+    if not overwrite:
+        _check_split_moves(inputs, output_dir)
     try:
         from tqdm import tqdm
 
@@ -453,20 +551,51 @@ def prepare_dataset(inputs: list[SlideInput], output_dir: str | os.PathLike, cfg
             metas[inp.slide_id] = meta
             continue
         try:
-            metas[inp.slide_id] = prepare_slide(inp, output_dir, cfg)
+            with slide_timeout_for(cfg, inp):
+                metas[inp.slide_id] = prepare_slide(inp, output_dir, cfg)
             done.append(inp.slide_id)
         except (MonaiWsiExtError, OSError, ValueError) as e:
             failed[inp.slide_id] = f"{type(e).__name__}: {e}"
             logger.error("%s: failed, skipped (%s)", inp.image, e)
+    metas.update(earlier)
     datalist: dict[str, list] = {}
-    for inp in inputs:
-        if inp.slide_id in metas:
-            datalist.setdefault(inp.split, []).extend(datalist_items(metas[inp.slide_id], output_dir))
+    for sid in sorted(metas):
+        datalist.setdefault(metas[sid]["split"], []).extend(datalist_items(metas[sid], output_dir))
     write_json_atomic(output_dir / "datalist.json", datalist)
-    summary = {"done": done, "skipped": skipped, "failed": failed, "datalist": str(output_dir / "datalist.json"),
-               "slides": {k: {"split": v["split"], "counts": v["counts"]} for k, v in metas.items()}}
+    summary = {"done": done, "skipped": skipped, "failed": failed, "kept": sorted(earlier),
+               "datalist": str(output_dir / "datalist.json"),
+               "slides": {k: {"split": v["split"], "counts": v["counts"], "status": slide_status(v)}
+                          for k, v in sorted(metas.items())},
+               "warnings": summary_warnings(metas, dataset_warnings)}
     write_json_atomic(output_dir / "summary.json", summary)
     return summary
+
+
+def _earlier_slides(output_dir: Path, exclude: set[str]) -> dict[str, dict]:
+    """Complete prepared slides of earlier runs in ``output_dir`` that are not among this run's inputs."""
+    out = {}
+    for meta_path in sorted(output_dir.glob("*/meta.json")):
+        meta = _read_meta(meta_path.parent)
+        if meta is None or meta.get("slide_id") in exclude or "split" not in meta:
+            continue
+        problem = prepared_is_valid(meta_path.parent, meta)
+        if problem:
+            logger.warning("%s: left out of the datalist (%s); prepare that slide again", meta_path.parent, problem)
+            continue
+        out[str(meta["slide_id"])] = meta
+    return out
+
+
+def _check_split_moves(inputs: Sequence[SlideInput], output_dir: Path) -> None:
+    moved = []
+    for inp in inputs:
+        meta = _read_meta(output_dir / inp.slide_id)
+        if meta is not None and meta.get("split") not in (None, inp.split):
+            moved.append(f"{inp.slide_id} (prepared as {meta['split']!r}, now given as {inp.split!r})")
+    if moved:
+        raise ConfigError(f"{output_dir}: slide(s) already prepared in this folder under another split: "
+                          f"{', '.join(moved)}. A slide belongs to one split; use another --output_dir, or "
+                          "--overwrite to move it.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,3 +741,92 @@ def summary_warnings(metas: dict, dataset_warnings: Sequence[str] = ()) -> dict:
             out[sid] = notes
     return out
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the prepare workflow of bundle/configs/prepare.json and scripts/prepare_dataset.py
+
+def settings_from_bundle(config_files: Sequence[str | os.PathLike], **overrides) -> PrepareConfig:
+    """The :class:`PrepareConfig` of the bundle configs' ``prepare`` section (``common.json#prepare``, which
+    inference on new slides reads too, and an overlay's, e.g. ``configs/datasets/camelyon16.json``).
+
+    Args:
+        config_files: bundle config files, merged in order.
+        overrides: parser overrides (``patch_size``, ``mpp``, ``prepare#tumor_threshold``...).
+
+    Raises:
+        ConfigError: the ``prepare`` section has a key that is not a :class:`PrepareConfig` field.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    parser.update(overrides)
+    return settings_from_parser(parser)
+
+
+def settings_from_parser(parser) -> PrepareConfig:
+    """The :class:`PrepareConfig` of a read ``monai.bundle.ConfigParser``'s ``prepare`` section.
+
+    Raises:
+        ConfigError: the section has a key that is not a :class:`PrepareConfig` field.
+    """
+    from dataclasses import fields
+
+    settings = parser.get_parsed_content("prepare")
+    known = sorted(f.name for f in fields(PrepareConfig))
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ConfigError(f"`prepare` has unknown setting(s) {unknown}; known: {known}")
+    return PrepareConfig(**settings)
+
+
+def run_prepare(output_dir: str | os.PathLike, cfg: PrepareConfig, slides=None, annotations=None, manifest=None,
+                split: str = "training", negative: bool | Sequence[str] = False, overwrite: bool = False,
+                exit_on_failure: bool = True, progress: bool = True) -> dict:
+    """Collect the inputs, prepare them and print what was done (the ``run`` of ``prepare.json``).
+
+    Annotation files in ``annotations`` that match no slide go to the summary's warnings. With
+    ``exit_on_failure`` a failed slide ends the process with status 1 after the others are done (and a bad
+    setting or input with status 2), without a traceback.
+    """
+    try:
+        inputs = collect_inputs(slides=slides, annotations=annotations, manifest=manifest, split=str(split),
+                                negative=negative)
+        notes = unmatched_annotations(inputs, annotations) if annotations is not None and manifest is None else []
+        summary = prepare_dataset(inputs, output_dir, cfg, overwrite=bool(overwrite), progress=progress,
+                                  dataset_warnings=notes)
+    except (ConfigError, ValueError) as e:
+        if not exit_on_failure:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(format_summary(summary, len(inputs), output_dir))
+    if summary["failed"] and exit_on_failure:
+        raise SystemExit(1)
+    return summary
+
+
+def format_summary(summary: dict, n_inputs: int, output_dir: str | os.PathLike) -> str:
+    """The lines ``prepare_dataset.py`` prints: slides done/skipped/failed, patches per split, warnings."""
+    per_split: dict[str, dict[str, int]] = {}
+    for info in summary["slides"].values():
+        counts = per_split.setdefault(info["split"], {})
+        for key, n in info["counts"].items():
+            counts[key] = counts.get(key, 0) + n
+    done, skipped, failed = summary["done"], summary["skipped"], summary["failed"]
+    lines = [f"{n_inputs} slide(s) -> {Path(output_dir)}: {len(done)} done, {len(skipped)} skipped (already "
+             f"prepared), {len(failed)} failed" + (f"; {len(summary['kept'])} from earlier runs kept"
+                                                   if summary.get("kept") else "")]
+    lines += [f"  FAILED {slide_id}: {reason}" for slide_id, reason in failed.items()]
+    for split_name, c in sorted(per_split.items()):
+        lines.append(f"  {split_name}: {c.get('cells', 0)} patches ({c.get('tumor', 0)} tumor, {c.get('normal', 0)} "
+                     f"normal, {c.get('nolabel', 0)} without label)")
+    no_tissue = sorted(k for k, v in summary["slides"].items() if v.get("status") == "no_tissue")
+    if no_tissue:
+        lines.append(f"  no tissue (no patches): {', '.join(no_tissue)}")
+    n_warn = sum(len(v) for v in summary.get("warnings", {}).values())
+    if n_warn:
+        lines.append(f"  {n_warn} warning(s), listed in {Path(output_dir) / 'summary.json'} (\"warnings\")")
+    lines.append(f"datalist: {summary['datalist']}")
+    return "\n".join(lines)
