@@ -24,6 +24,11 @@ and ``#``-paths such as ``train#trainer#max_epochs``):
 ``monai.bundle run``'s own arguments (``run_id``, ``config_file``, ``meta_file``, ``args_file``, ``logging_file``,
 ``tracking``...) are not overrides. In any other process (tests, scripts that call ``monai.bundle.run`` from
 Python) the check does nothing; :func:`check_overrides` checks an explicit list of files and overrides.
+
+In a ``monai.bundle`` process the check also installs :func:`install_error_hook`: a run that stops on one of this
+package's errors (a slide batch with failures, a bad setting found in ``initialize``) prints the error's own line
+and exits with status 1, without the traceback that ends in MONAI's ``RuntimeError: Failed to evaluate
+ConfigExpression`` (``MONAI_WSI_EXT_TRACEBACK=1`` shows it).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from typing import Any
 
 from monai_wsi_ext.errors import ConfigError
 
-__all__ = ["check_cli_overrides", "check_overrides", "parse_bundle_argv", "known_ids"]
+__all__ = ["install_error_hook", "package_error", "check_cli_overrides", "check_overrides", "parse_bundle_argv", "known_ids"]
 
 #: subcommands of ``python -m monai.bundle`` whose extra ``--key value`` pairs are config overrides
 RUN_COMMANDS = ("run", "run_workflow")
@@ -247,6 +252,8 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if from_cli and not (argv and _is_bundle_main(argv[0])):
         return
+    if from_cli:
+        install_error_hook()
     parsed = parse_bundle_argv(argv[1:])
     if parsed is None:
         return
@@ -279,3 +286,40 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
             raise
         print(f"ConfigError: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def package_error(exc: BaseException | None) -> BaseException | None:
+    """The first of this package's errors (:class:`~monai_wsi_ext.errors.MonaiWsiExtError`) in ``exc``'s chain of
+    causes and contexts (MONAI wraps an error raised in a config expression in a ``RuntimeError``), or None."""
+    from monai_wsi_ext.errors import MonaiWsiExtError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MonaiWsiExtError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def install_error_hook() -> None:
+    """Make an uncaught package error end the process with its own message and status 1, without a traceback.
+
+    Other exceptions (bugs) keep Python's traceback; so does everything when ``MONAI_WSI_EXT_TRACEBACK=1``.
+    Installed once per process by :func:`check_cli_overrides` in a ``monai.bundle`` process.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_monai_wsi_ext", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        error = package_error(exc)
+        if error is None or os.environ.get("MONAI_WSI_EXT_TRACEBACK", "") not in ("", "0"):
+            previous(exc_type, exc, tb)
+            return
+        print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        print("(the run stopped on this error; set MONAI_WSI_EXT_TRACEBACK=1 to see the traceback)", file=sys.stderr,
+              flush=True)
+
+    hook._monai_wsi_ext = True
+    sys.excepthook = hook

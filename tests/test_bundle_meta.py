@@ -201,7 +201,9 @@ class TestExport(unittest.TestCase):
             "backbone": "googlenet", "feature_dim": 16, "patch_size": 256, "patch_level": 0, "crop_size": 224,
             "canvas_size": 512, "canvas_mode": "slide", "stain_normalize": False,
             "prepare": {"patch_size": 256, "level": 0, "target_mpp": None, "mpp": None, "backend": "auto",
-                        "tissue_threshold": 0.8, "tumor_threshold": 0.2, "normal_threshold": 0.8, "exhaustive": True}})
+                        "tissue_threshold": 0.8, "tumor_threshold": 0.2, "normal_threshold": 0.8, "exhaustive": True,
+                        "exclude_ink": True, "annotation_max_outside_fraction": 1.0, "clip_annotations": False,
+                        "slide_timeout_s": None}})
         x = torch.rand(1, 16, 64, 64)
         with torch.no_grad():
             got, want = ts(x), self.unet(x)

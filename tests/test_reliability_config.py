@@ -122,3 +122,33 @@ def test_input_slides_folder_without_slides(tmp_path):
                          channels_last=False)
     with pytest.raises(ConfigError, match="no slides"):
         inf.run()
+
+
+def test_package_error_ends_a_bundle_run_without_traceback(tmp_path, synthetic_slide):
+    """A run stopped by one of the package's errors used to print a traceback ending in MONAI's ``RuntimeError:
+    Failed to evaluate ConfigExpression``; now the error's own line, status 1. Bugs keep their traceback."""
+    missing = tmp_path / "missing_encoder.pt"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--mode", "classifier",
+           "--input_slides", str(synthetic_slide), "--encoder_ckpt", str(missing),
+           "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "Failed to evaluate" not in res.stderr, res.stderr[-3000:]
+    assert "`encoder_ckpt`" in res.stderr and str(missing) in res.stderr, res.stderr[-3000:]
+    env = {**__import__("os").environ, "MONAI_WSI_EXT_TRACEBACK": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+def test_package_error_is_found_in_the_exception_chain():
+    from monai_wsi_ext.config_check import package_error
+
+    inner = ConfigError("bad value")
+    try:
+        try:
+            raise inner
+        except ConfigError as e:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from e
+    except RuntimeError as outer:
+        assert package_error(outer) is inner
+    assert package_error(ValueError("a bug")) is None

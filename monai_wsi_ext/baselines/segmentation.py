@@ -36,7 +36,7 @@ from monai_wsi_ext.model.canvas import IGNORE_INDEX
 
 from monai_wsi_ext.prep.prepare import load_prepared_slides
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
-from monai_wsi_ext.io.atomic import write_json_atomic
+from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic
 
 __all__ = [
     "frozen_encoder",
@@ -230,7 +230,8 @@ class SlideImageDataset(Dataset):
 class SegmentationPredictor:
     """Segmentation-only heatmaps: the U-Net over each downsampled slide, mean tumor probability per grid cell,
     written like :class:`~monai_wsi_ext.inference.slides.SlideInference` (``<output_dir>/<id>/<id>_prob.npy``,
-    ``_labels.npy``, PNG/TIFF/GeoJSON/overlay and ``_record.json``; ``inference_summary.json``).
+    ``_labels.npy``, PNG/TIFF/GeoJSON/overlay and, last, ``_record.json``; ``inference_summary.json``), with the
+    same crash safety: atomic files, no record for an incomplete slide, temporary files of a killed run removed.
 
     Args:
         prepared_dir: output of ``prepare_dataset``.
@@ -288,6 +289,7 @@ class SegmentationPredictor:
         slides = load_prepared_slides(self.prepared_dir, self.split)
         if not slides:
             raise MonaiWsiExtError(f"{self.prepared_dir}: no prepared slides for split {self.split!r}")
+        remove_stale_temporaries(self.output_dir)
         results, failed = {}, {}
         weights = {"segmentation_unet": self.checkpoint} if self.checkpoint else None
         for meta in slides:
@@ -305,8 +307,8 @@ class SegmentationPredictor:
                     thumb, thumb_ds = slide.thumbnail(max_size=2048)
                 out = write_slide_outputs(self.output_dir / sid, sid, pgrid, grid.cell_size,
                                           meta.dimensions, meta.mpp, thumb, thumb_ds,
-                                          threshold=self.threshold, config=self.config, weights=weights)
-                np.save(self.output_dir / sid / f"{sid}_labels.npy", grid.label_grid())
+                                          threshold=self.threshold, config=self.config, weights=weights,
+                                          labels=grid.label_grid())
                 results[sid] = {"slide_score": out["slide_score"], "n_patches": len(grid),
                                 "seconds": round(time.perf_counter() - t0, 2), "dir": str(self.output_dir / sid)}
                 logger.info("%s: segmentation-only heatmap, %d cells, %.1f s", sid, len(grid), results[sid]["seconds"])

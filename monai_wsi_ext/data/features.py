@@ -12,6 +12,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import Dataset
 
 from monai_wsi_ext.errors import MonaiWsiExtError
+from monai_wsi_ext.io.atomic import is_temporary_name
 from monai_wsi_ext.model.canvas import label_canvas, layout_canvas, plan_canvases, sample_window
 from monai_wsi_ext.prep.grid import PatchLabel
 from monai_wsi_ext.utils import split_set
@@ -40,6 +41,9 @@ class CanvasDataset(Dataset):
     ``SlidingWindowInferer`` with ``roi_size=canvas_size``; use ``batch_size=1`` then.
 
     Items: ``image`` (C, H, W) float, ``label`` (H, W) long with ``IGNORE_INDEX`` for nolabel and background.
+
+    The temporary files a killed feature extraction left in ``feature_dir`` (``.<slide_id>.npz.XXXXXXXX.npz``, see
+    :func:`~monai_wsi_ext.io.atomic.is_temporary_name`) are not feature files and are ignored.
     """
 
     def __init__(self, feature_dir: str, split: str | Sequence[str] | None = None, canvas_size: int = 512,
@@ -50,6 +54,8 @@ class CanvasDataset(Dataset):
         self.generator = torch.Generator().manual_seed(int(seed))
         self.items = []
         for path in sorted(Path(feature_dir).glob("*.npz")):
+            if is_temporary_name(path.name):
+                continue
             d = load_feature_file(path)
             if (splits is not None and d["split"] not in splits) or (slide_ids is not None and
                                                                       d["slide_id"] not in slide_ids):

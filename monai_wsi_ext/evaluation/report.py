@@ -6,8 +6,12 @@ slide, ``<heatmap_dir>/<slide_id>/`` with
 * ``<slide_id>_prob.npy``: ``(H, W)`` tumor probability per grid cell, NaN off tissue;
 * ``<slide_id>_labels.npy``: ``(H, W)`` labels, 1 tumor, 0 normal, -1 nolabel, -2 background (optional: without it
   every cell with a probability counts as nolabel and only the truth-mask numbers are computed);
-* ``<slide_id>_record.json``: ``cell_size`` (level-0 px per cell), ``mpp``, ``slide_size`` (optional; the cell
-  size then defaults to ``cell_size`` of :func:`evaluate_heatmaps`).
+* ``<slide_id>_record.json``: ``cell_size`` (level-0 px per cell; without it the cell size is ``cell_size`` of
+  :func:`evaluate_heatmaps`), ``mpp``, ``slide_size``. The writers write it last, so it marks the slide complete: a
+  slide folder with outputs but no (readable) record is *incomplete* (the run writing it was killed or failed half
+  way, see :func:`incomplete_slides`); it is skipped with a warning and listed under ``incomplete_slides`` in
+  ``metrics_overall.json`` (``on_incomplete="error"`` makes it an error), and a folder without any complete slide
+  is an error.
 
 Ground-truth masks (optional, for the Camelyon16 lesion FROC and for Camelyon17 slide classes measured on the
 annotation rather than on the patch grid) are found per slide in ``truth`` (a folder, or a synthetic-dataset
@@ -19,7 +23,8 @@ annotation rather than on the patch grid) are found per slide in ``truth`` (a fo
    over the mask width;
 3. ``<id>.xml``/``<id>.geojson``/``<id>.json`` (polygons, rasterised at ``mask_downsample``).
 
-Outputs (written atomically): ``metrics_per_slide.csv``, ``metrics_per_slide.json`` and ``metrics_overall.json``.
+Outputs (written atomically; temporary files an interrupted evaluation left in the output folder are removed):
+``metrics_per_slide.csv``, ``metrics_per_slide.json`` and ``metrics_overall.json``.
 Undefined values (an AUC over one class, a FROC without lesions) are written as JSON ``null`` and empty CSV cells.
 """
 
@@ -42,12 +47,19 @@ import numpy as np
 from monai_wsi_ext.utils import json_clean
 from monai_wsi_ext.evaluation import metrics as M
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
-from monai_wsi_ext.io.atomic import write_json_atomic, write_text_atomic
+from monai_wsi_ext.io.atomic import (
+    atomic_open,
+    is_temporary_name,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 __all__ = [
     "PER_SLIDE_COLUMNS",
     "SlideHeatmap",
     "TruthMask",
+    "incomplete_slides",
     "load_heatmap_dir",
     "find_truth",
     "load_truth_mask",
@@ -128,9 +140,61 @@ def _finite_or_none(value: Any) -> float | None:
     return out if math.isfinite(out) and out > 0 else None
 
 
+def _read_record(path: Path) -> dict | None:
+    """A slide's ``_record.json`` as a dict, or None when it is missing or not a JSON object."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def incomplete_slides(heatmap_dir: str | os.PathLike, slide_ids: Sequence[str] | None = None) -> dict[str, str]:
+    """The incomplete slide folders of a heatmap folder: slide id -> what is wrong.
+
+    A sub-folder ``<id>/`` is a slide folder when it holds a file named ``<id>_*`` or a temporary file of the atomic
+    writer (:func:`~monai_wsi_ext.io.atomic.is_temporary_name`); it is incomplete when its ``<id>_record.json`` (the
+    last file the writers write) is missing or unreadable, or when it has a record but no ``<id>_prob.npy``. Other
+    sub-folders (e.g. a ``prepared/`` folder) are not slide folders.
+
+    Args:
+        heatmap_dir: the folder (a missing folder has no incomplete slide).
+        slide_ids: only these slides (None: all).
+
+    Returns:
+        ``{slide id: reason}``, sorted by slide id.
+    """
+    root = Path(heatmap_dir)
+    if not root.is_dir():
+        return {}
+    wanted = None if slide_ids is None else {str(s) for s in slide_ids}
+    out: dict[str, str] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        sid = sub.name
+        if wanted is not None and sid not in wanted:
+            continue
+        names = [p.name for p in sub.iterdir()]
+        if not any(n.startswith(f"{sid}_") or is_temporary_name(n) for n in names):
+            continue
+        record_path, prob_path = sub / f"{sid}_record.json", sub / f"{sid}_prob.npy"
+        if not record_path.is_file():
+            reason = f"no {record_path.name}"
+        elif _read_record(record_path) is None:
+            reason = f"{record_path.name} is not a readable JSON object"
+        elif not prob_path.is_file():
+            reason = f"{record_path.name} but no {prob_path.name}"
+        else:
+            continue
+        out[sid] = (f"{reason}: the run writing this slide was interrupted or failed; rerun inference for it "
+                    f"({sub})")
+    return out
+
+
 def load_heatmap_dir(heatmap_dir: str | os.PathLike, slide_ids: Sequence[str] | None = None,
                      cell_size: float | None = None) -> list[SlideHeatmap]:
-    """Read every slide of a heatmap folder (sub-folders holding ``<id>_prob.npy``), sorted by slide id.
+    """Read every complete slide of a heatmap folder (sub-folders holding ``<id>_prob.npy`` and
+    ``<id>_record.json``), sorted by slide id; incomplete slide folders (:func:`incomplete_slides`) are skipped
+    with a warning.
 
     Args:
         heatmap_dir: the folder.
@@ -138,21 +202,24 @@ def load_heatmap_dir(heatmap_dir: str | os.PathLike, slide_ids: Sequence[str] | 
         cell_size: level-0 pixels per cell for slides whose record has none.
 
     Returns:
-        The slides.
+        The complete slides.
 
     Raises:
-        MonaiWsiExtError: the folder is missing or holds no heatmap, a wanted slide is missing, or a label grid's
-            shape differs from its probability grid.
+        MonaiWsiExtError: the folder is missing, holds no heatmap or only incomplete ones, a wanted slide is
+            missing, or a label grid's shape differs from its probability grid.
     """
     root = Path(heatmap_dir)
     if not root.is_dir():
         raise MonaiWsiExtError(f"heatmap_dir {str(root)!r} is not a folder; run inference (inference.json) first.")
     wanted = None if slide_ids is None else {str(s) for s in slide_ids}
+    incomplete = incomplete_slides(root, slide_ids)
+    for sid, reason in incomplete.items():
+        logger.warning("%s: incomplete heatmap, not evaluated (%s)", sid, reason)
     out = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         sid = sub.name
         prob_path = sub / f"{sid}_prob.npy"
-        if not prob_path.is_file() or (wanted is not None and sid not in wanted):
+        if sid in incomplete or not prob_path.is_file() or (wanted is not None and sid not in wanted):
             continue
         prob = np.load(prob_path).astype(np.float64)
         if prob.ndim != 2:
@@ -166,7 +233,7 @@ def load_heatmap_dir(heatmap_dir: str | os.PathLike, slide_ids: Sequence[str] | 
         else:
             labels = np.where(np.isfinite(prob), M.LABEL_NOLABEL, M.LABEL_BACKGROUND).astype(np.int64)
         record_path = sub / f"{sid}_record.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record = _read_record(record_path) or {}
         cell = _finite_or_none(record.get("cell_size")) or _finite_or_none(cell_size)
         if cell is None:
             raise MonaiWsiExtError(f"{sub}: no cell size (no `cell_size` in {record_path.name}); pass `cell_size` "
@@ -175,13 +242,22 @@ def load_heatmap_dir(heatmap_dir: str | os.PathLike, slide_ids: Sequence[str] | 
         out.append(SlideHeatmap(slide_id=sid, prob=prob, labels=labels, cell_size=cell,
                                 mpp=_finite_or_none(record.get("mpp")),
                                 slide_size=tuple(int(v) for v in size) if size else None, record=record))
+    if not out and incomplete:
+        raise MonaiWsiExtError(
+            f"heatmap_dir {str(root)!r} holds no complete slide: {len(incomplete)} slide folder(s) are incomplete "
+            f"({_incomplete_text(incomplete)}); rerun inference (inference.json) or the baseline for them.")
     if not out:
         raise MonaiWsiExtError(f"heatmap_dir {str(root)!r} holds no <slide_id>/<slide_id>_prob.npy; run inference "
                                "(inference.json) or a baseline first.")
-    if wanted is not None and len(out) < len(wanted):
-        missing = sorted(wanted - {s.slide_id for s in out})
+    if wanted is not None and len(out) + len(incomplete) < len(wanted):
+        missing = sorted(wanted - {s.slide_id for s in out} - set(incomplete))
         raise MonaiWsiExtError(f"heatmap_dir {str(root)!r} has no heatmap for {missing}.")
     return out
+
+
+def _incomplete_text(incomplete: Mapping[str, str], limit: int = 5) -> str:
+    items = [f"{sid}: {reason.split(':')[0]}" for sid, reason in list(incomplete.items())[:limit]]
+    return "; ".join(items) + ("; ..." if len(incomplete) > limit else "")
 
 
 def _manifest_truth(manifest: Path) -> dict[str, Path]:
@@ -383,6 +459,7 @@ def evaluate_heatmaps(
     reference_stages: str | os.PathLike | None = None,
     patient_pattern: str = r"^(patient_\d+)_node_\d+",
     write: bool = True,
+    on_incomplete: str = "skip",
 ) -> dict[str, Any]:
     """Evaluate every heatmap of a folder; write the per-slide and overall metrics.
 
@@ -391,6 +468,11 @@ def evaluate_heatmaps(
     ground-truth class is measured on the mask. Overall: :func:`monai_wsi_ext.evaluation.metrics.summarize` (pooled and mean
     patch metrics, slide AUC when both slide classes are present), the lesion FROC over the slides with a truth
     mask, and, when slide ids name Camelyon17 patients, pN-stages and their quadratic kappa.
+
+    Incomplete slide folders (no ``_record.json``: the run writing them stopped; see :func:`incomplete_slides`) are
+    not evaluated: a warning names each, and ``overall["incomplete_slides"]`` (also in ``metrics_overall.json``)
+    maps each to the reason, ``overall["n_incomplete"]`` counts them; with ``on_incomplete="error"`` any of them is
+    an error.
 
     Args:
         heatmap_dir: the heatmap folder.
@@ -412,16 +494,25 @@ def evaluate_heatmaps(
             reference stages come from the ground-truth slide classes.
         patient_pattern: regular expression whose first group is the patient id of a slide id.
         write: write the three files.
+        on_incomplete: ``"skip"`` incomplete slide folders (warned and listed) or make them an ``"error"``.
 
     Returns:
         ``{"overall": {...}, "per_slide": [...], "files": {...}}``.
 
     Raises:
-        MonaiWsiExtError: see :func:`load_heatmap_dir`.
-        ConfigError: a bad ``missing_truth`` or ``truth``.
+        MonaiWsiExtError: see :func:`load_heatmap_dir` (among others: no complete slide in the folder); with
+            ``on_incomplete="error"``, an incomplete slide folder.
+        ConfigError: a bad ``missing_truth``, ``on_incomplete`` or ``truth``.
     """
     if missing_truth not in ("skip", "negative"):
         raise ConfigError(f"`missing_truth` must be 'skip' or 'negative', got {missing_truth!r}.")
+    if on_incomplete not in ("skip", "error"):
+        raise ConfigError(f"`on_incomplete` must be 'skip' or 'error', got {on_incomplete!r}.")
+    incomplete = incomplete_slides(heatmap_dir, slide_ids)
+    if incomplete and on_incomplete == "error":
+        raise MonaiWsiExtError(f"heatmap_dir {str(Path(heatmap_dir))!r}: {len(incomplete)} incomplete slide "
+                               f"folder(s) ({_incomplete_text(incomplete)}); rerun inference for them, or pass "
+                               "on_incomplete='skip' to evaluate the others.")
     slides = load_heatmap_dir(heatmap_dir, slide_ids, cell_size)
     default_mpp = _finite_or_none(mpp)
     cache: dict = {}
@@ -470,6 +561,11 @@ def evaluate_heatmaps(
                      for r in per_slide]
     overall: dict[str, Any] = {"heatmap_dir": str(Path(heatmap_dir)), "threshold": float(threshold)}
     overall.update(M.summarize(summary_input, threshold))
+    overall["n_incomplete"] = len(incomplete)
+    overall["incomplete_slides"] = dict(incomplete)
+    if incomplete:
+        logger.warning("%d incomplete slide folder(s) were not evaluated (listed under `incomplete_slides` in the "
+                       "overall metrics): %s", len(incomplete), _incomplete_text(incomplete))
     overall["total_tumor_points"] = int(sum(int(r["tumor_points"]) for r in per_slide))
     if froc_samples:
         froc = M.lesion_froc(froc_samples, threshold=threshold, candidates=froc_candidates,
@@ -494,13 +590,15 @@ def evaluate_heatmaps(
     result: dict[str, Any] = {"overall": json_clean(overall), "per_slide": json_clean(rows), "files": {}}
     if write:
         out = Path(output_dir) if output_dir is not None else Path(heatmap_dir)
+        remove_stale_temporaries(out)
         files = {"per_slide_csv": out / "metrics_per_slide.csv", "per_slide_json": out / "metrics_per_slide.json",
                  "overall_json": out / "metrics_overall.json"}
         write_text_atomic(files["per_slide_csv"], _csv_text(rows, PER_SLIDE_COLUMNS))
         write_json_atomic(files["per_slide_json"], result["per_slide"])
         write_json_atomic(files["overall_json"], result["overall"])
         result["files"] = {k: str(v) for k, v in files.items()}
-        logger.info("evaluated %d slide(s): accuracy %s, PR-AUC %s, tumor points %d -> %s", len(rows),
+        logger.info("evaluated %d slide(s)%s: accuracy %s, PR-AUC %s, tumor points %d -> %s", len(rows),
+                    f" ({len(incomplete)} incomplete skipped)" if incomplete else "",
                     _fmt(overall.get("pooled_accuracy")), _fmt(overall.get("pooled_pr_auc")),
                     overall["total_tumor_points"], files["overall_json"])
     return result
@@ -657,8 +755,6 @@ def comparison_figure(heatmaps: Mapping[str, str | os.PathLike], output_png: str
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from monai_wsi_ext.io.atomic import atomic_path
-
     folders = {m: Path(p) for m, p in heatmaps.items()}
     common_ids = None
     for folder in folders.values():
@@ -720,6 +816,6 @@ def comparison_figure(heatmaps: Mapping[str, str | os.PathLike], output_png: str
             x += w + gap
         y += panel_height + label_h + gap
     out = Path(output_png)
-    with atomic_path(out) as tmp:
-        canvas.save(tmp, format="PNG", optimize=True)
+    with atomic_open(out) as f:
+        canvas.save(f, format="PNG", optimize=True)
     return out

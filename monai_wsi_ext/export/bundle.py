@@ -9,6 +9,7 @@ the eager network's outputs.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -233,6 +234,8 @@ def export_network(
 
     Raises:
         ConfigError: for a missing checkpoint/config, or when the exported module's outputs differ.
+        AtomicWriteError: the ``.ts`` file could not be written (an ``OSError``, e.g. ``No space left on device:
+            could not write <filepath>``); the temporary file is removed and nothing is left under ``filepath``.
     """
     from monai.bundle import ckpt_export
 
@@ -293,12 +296,17 @@ def _embed_settings(ts_file: Path, config_files: Sequence[str], meta_file: str, 
                     override: Mapping[str, Any]) -> None:
     """Re-save an exported module with :data:`SETTINGS_FILE` added to the extra files ``ckpt_export`` wrote (its
     metadata and raw configs), so that the ``.ts`` alone says how to tile and crop slides for it: the config
-    overrides given at export time are resolved in it, which the raw configs do not show."""
+    overrides given at export time are resolved in it, which the raw configs do not show.
+
+    The archive is serialised in memory and written with a plain file write, so that a full disk is an ``OSError``
+    (``No space left on device``) rather than TorchScript's ``PytorchStreamWriter failed writing file``."""
     names = ["metadata.json"] + [Path(f).stem + ".json" for f in config_files]
     extra = {n: "" for n in names}
     module = torch.jit.load(str(ts_file), map_location="cpu", _extra_files=extra)
     extra[SETTINGS_FILE] = json.dumps(_resolved_settings(config_files, meta_file, bundle_root, override))
-    torch.jit.save(module, str(ts_file), _extra_files=extra)
+    buf = io.BytesIO()
+    torch.jit.save(module, buf, _extra_files=extra)
+    Path(ts_file).write_bytes(buf.getbuffer())
 
 
 def load_exported(ts_file: str | os.PathLike, map_location: str | torch.device = "cpu"

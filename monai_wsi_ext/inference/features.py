@@ -16,7 +16,7 @@ from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform
 
 from monai_wsi_ext.prep.prepare import load_prepared_slides
 from monai_wsi_ext.errors import MonaiWsiExtError
-from monai_wsi_ext.io.atomic import atomic_path, write_json_atomic
+from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic, write_npz_atomic
 from monai_wsi_ext.model.predict import encode_slide
 from monai_wsi_ext.utils import file_sha256, resolve_device
 
@@ -43,6 +43,11 @@ class FeatureExtractor:
     (the encoder head's tumor probability per patch, the classifier-only baseline), ``rows``, ``cols``,
     ``labels``, ``grid_shape``, ``cell_size``, ``split`` and a ``cache_key``. A slide whose patch table, encoder
     checkpoint and transform are unchanged is not recomputed.
+
+    Each feature file is written atomically (a temporary file in ``output_dir``, renamed when complete; see
+    :mod:`monai_wsi_ext.io.atomic`): a kill or a full disk never leaves a truncated ``.npz`` under its name, a
+    write error fails the slide naming the path (``No space left on device: could not write <path>``), and the
+    temporary files a killed run left in ``output_dir`` are removed when the next run starts.
 
     Args:
         prepared_dir: output of ``prepare_dataset``.
@@ -88,6 +93,7 @@ class FeatureExtractor:
         if not slides:
             raise MonaiWsiExtError(f"{self.prepared_dir}: no prepared slides (run scripts/prepare_dataset.py first)")
         transform = make_patch_transform(False, self.crop_size, self.stain_normalize)
+        remove_stale_temporaries(self.output_dir)
         done, skipped, failed = [], [], {}
         for meta in slides:
             sid = meta.slide_id
@@ -108,9 +114,7 @@ class FeatureExtractor:
                 source = SlidePatchSource.from_prepared(meta, transform, self.backend, self.num_workers)
                 feats, probs = encode_slide(self.encoder, source, self.batch_size, self.device, self.channels_last)
                 source.close()
-                with atomic_path(out) as tmp:
-                    with open(tmp, "wb") as f:
-                        np.savez(f, features=feats, probs=probs, rows=grid.rows, cols=grid.cols, labels=grid.labels,
+                write_npz_atomic(out, features=feats, probs=probs, rows=grid.rows, cols=grid.cols, labels=grid.labels,
                                  grid_shape=np.asarray(grid.shape), cell_size=np.float64(grid.cell_size),
                                  split=np.str_(meta.split), slide_id=np.str_(sid),
                                  image=np.str_(meta.image), mpp=np.float64(meta.mpp or np.nan),

@@ -6,12 +6,11 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 from ignite.engine import Engine, Events
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_wsi_ext.errors import MonaiWsiExtError
-from monai_wsi_ext.io.atomic import write_json_atomic
+from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic
 from monai_wsi_ext.model.predict import prob_grid
 from monai_wsi_ext.outputs.writers import write_slide_outputs
 
@@ -30,8 +29,11 @@ class HeatmapWriter:
     aligned pyramidal TIFF, overlay on the slide's thumbnail, QuPath GeoJSON of tumor regions, slide score and run
     record; see :func:`~monai_wsi_ext.outputs.writers.write_slide_outputs`) and the grid labels.
 
-    A slide whose outputs cannot be written is recorded in ``engine.state.failed`` like a slide that failed
-    inference; ``engine.state.results`` collects the written slides.
+    A slide whose outputs cannot be written (e.g. ``No space left on device: could not write <path>``) is recorded
+    in ``engine.state.failed`` like a slide that failed inference; ``engine.state.results`` collects the written
+    slides. Every file is written atomically and the slide's ``<slide_id>_record.json`` last (the label grid goes
+    before it), so a slide folder without a record is incomplete and the next run writes the slide again;
+    temporary files a killed run left in ``output_dir`` (and in each slide folder it writes) are removed.
 
     Args:
         output_dir: one folder per slide below it.
@@ -65,6 +67,7 @@ class HeatmapWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def _started(self, engine: Engine) -> None:
+        remove_stale_temporaries(self.output_dir)
         if not hasattr(engine.state, "results"):
             engine.state.results = {}
         if not hasattr(engine.state, "failed"):
@@ -85,8 +88,8 @@ class HeatmapWriter:
             thumb, thumb_ds = prepared.open(self.backend).thumbnail(max_size=self.thumbnail_size)
             written = write_slide_outputs(self.output_dir / sid, sid, pgrid, grid.cell_size, prepared.dimensions,
                                           prepared.mpp, thumb, thumb_ds, threshold=self.threshold,
-                                          config=self.config, weights=self.weights, itk_format=self.itk_format)
-            np.save(self.output_dir / sid / f"{sid}_labels.npy", grid.label_grid())
+                                          config=self.config, weights=self.weights, itk_format=self.itk_format,
+                                          labels=grid.label_grid())
         except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:
             engine.state.failed[sid] = f"{type(e).__name__}: {e}"
             logger.error("%s: writing the outputs failed (%s)", sid, e)

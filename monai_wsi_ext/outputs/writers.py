@@ -4,8 +4,10 @@ Every writer takes the tumor probability map at grid resolution: ``prob`` is a f
 ``[0, 1]`` and ``NaN`` where the grid cell holds no tissue. Grid cell ``(r, c)`` covers level-0 pixels
 ``x in [c * cell_size, (c + 1) * cell_size)`` and ``y in [r * cell_size, (r + 1) * cell_size)``.
 
-Files written (all atomically: a temporary file in the destination folder is renamed onto the final name only after
-it was written completely, so an exception never leaves a half-written output or a stray temporary file):
+Files written (all atomically, see :mod:`monai_wsi_ext.io.atomic`: a temporary file in the destination folder is
+renamed onto the final name only after it was written completely, so an exception, a kill or a full disk never leaves
+a half-written output under its name; on an error the temporary file is removed, and a full disk is an
+:class:`~monai_wsi_ext.io.atomic.AtomicWriteError` reading ``No space left on device: could not write <path>``):
 
 - ``{slide_id}_prob.npy``: the float32 grid, NaN kept (:func:`write_prob_npy`).
 - ``{slide_id}_prob.png``: the grid colour-mapped, one pixel per cell, background transparent (:func:`write_prob_png`).
@@ -14,7 +16,12 @@ it was written completely, so an exception never leaves a half-written output or
 - ``{slide_id}_overlay.png``: the heatmap blended over a slide thumbnail (:func:`write_overlay_png`).
 - ``{slide_id}_tumor.geojson``: connected tumor regions as QuPath annotations (:func:`tumor_regions`,
   :func:`write_regions_geojson`).
+- ``{slide_id}_labels.npy``: the grid's labels, when given (:func:`write_slide_outputs`).
 - ``{slide_id}_record.json``: slide score, region count, file names and the run record (:func:`write_run_record`).
+
+:func:`write_slide_outputs` writes the record last and removes a previous one first: a slide folder with a heatmap
+but no record is incomplete (the run stopped or failed while writing it); the evaluation skips and reports it, and a
+rerun writes the slide again.
 """
 
 from __future__ import annotations
@@ -38,7 +45,13 @@ import numpy as np
 
 from monai_wsi_ext.utils import file_sha256, json_default
 from monai_wsi_ext.io.annotations import AnnotationLabel, AnnotationPolygon, write_qupath_geojson
-from monai_wsi_ext.io.atomic import atomic_path, write_json_atomic
+from monai_wsi_ext.io.atomic import (
+    atomic_open,
+    atomic_path,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_npy_atomic,
+)
 
 __all__ = [
     "COLORMAPS",
@@ -165,10 +178,10 @@ def apply_colormap(values: np.ndarray, colormap: str = "jet") -> np.ndarray:
 def _save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     from PIL import Image
 
-    with atomic_path(path) as tmp:
+    with atomic_open(path) as f:
         # zlib level 1: a 2048 px slide overlay encodes in half the time of PIL's default 6, at about the same size
         # (measured on a synthetic H&E thumbnail: 0.16 s / 2.97 MB vs 0.33 s / 3.06 MB)
-        Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
+        Image.fromarray(image).save(f, format="PNG", compress_level=1)
     return Path(path)
 
 
@@ -185,10 +198,7 @@ def write_prob_npy(path: str | os.PathLike, prob: np.ndarray) -> Path:
     Returns:
         The path written.
     """
-    arr = _check_prob(prob)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    return Path(path)
+    return write_npy_atomic(path, _check_prob(prob))
 
 
 ITK_FORMATS = ("nrrd", "mha")
@@ -409,8 +419,8 @@ def write_heatmap_tiff(
         "mpp": None if mpp is None else float(mpp),
     }
     bigtiff = sum(w * h for w, h in level_sizes) > 2**31
-    with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+    with atomic_open(path) as f:
+        with tifffile.TiffWriter(f, bigtiff=bigtiff) as tif:
             for level, ((w, h), ds) in enumerate(zip(level_sizes, level_downsamples)):
                 rows = _cell_index(h, ds, cell, arr.shape[0])
                 cols = _cell_index(w, ds, cell, arr.shape[1])
@@ -802,14 +812,21 @@ def write_slide_outputs(
     weights: dict[str, str | os.PathLike] | None = None,
     score_method: str = "smoothed_max",
     itk_format: str | None = None,
+    labels: np.ndarray | None = None,
 ) -> dict:
     """Write every output of one slide under ``out_dir`` with consistent names.
 
     Files: ``{slide_id}_prob.npy``, ``{slide_id}_prob.png``, ``{slide_id}_heatmap.tif``, ``{slide_id}_overlay.png``
-    (skipped when ``thumbnail`` is None), ``{slide_id}_tumor.geojson`` and, last, ``{slide_id}_record.json`` with the
-    slide score, region summary, heatmap downsample, file names and the run record. Each file is atomic; if a later
-    step fails the files already written stay and no record is written. A slide without any tissue cell gets
-    ``"slide_score": null`` and ``"status": "no_tissue"`` (else ``"ok"``) in its record and in the returned dict.
+    (skipped when ``thumbnail`` is None), ``{slide_id}_tumor.geojson``, ``{slide_id}_labels.npy`` (when ``labels``
+    is given) and, last, ``{slide_id}_record.json`` with the slide score, region summary, heatmap downsample, file
+    names and the run record. A slide without any tissue cell gets ``"slide_score": null`` and
+    ``"status": "no_tissue"`` (else ``"ok"``) in its record and in the returned dict.
+
+    Complete or marked incomplete: each file is atomic (see :mod:`monai_wsi_ext.io.atomic`); the slide's previous
+    record, the outputs of an earlier run that this call does not write (overlay, label grid, ITK image) and the
+    temporary files an interrupted run left in ``out_dir`` are removed before anything else is written, and the
+    record is written last. So a folder with a heatmap but no record is incomplete: a step failed
+    (the files already written stay, no record is written) or the run was killed.
 
     Args:
         out_dir: output folder (created).
@@ -826,14 +843,18 @@ def write_slide_outputs(
         score_method: :func:`slide_score` method.
         itk_format: also write ``{slide_id}_prob.<format>`` with :func:`write_prob_itk` (``nrrd`` or ``mha``);
             None skips it.
+        labels: the grid's ``(H, W)`` integer labels (e.g. ``PatchGrid.label_grid()``: 1 tumor, 0 normal, -1
+            nolabel, -2 background), written as ``{slide_id}_labels.npy`` for the evaluation; None skips it.
 
     Returns:
-        ``{"prob_npy", "prob_png", "heatmap_tiff", "overlay_png", "tumor_geojson", "record_json", "prob_itk"}`` ->
-        Path (or None for a skipped overlay or ITK image), plus ``slide_score`` (None without tissue), ``status``,
-        ``n_regions`` and ``heatmap_downsample``.
+        ``{"prob_npy", "prob_png", "heatmap_tiff", "overlay_png", "tumor_geojson", "labels_npy", "record_json",
+        "prob_itk"}`` -> Path (or None for a skipped overlay, label grid or ITK image), plus ``slide_score`` (None
+        without tissue), ``status``, ``n_regions`` and ``heatmap_downsample``.
 
     Raises:
-        ValueError: a bad ``slide_id`` or any argument the individual writers reject.
+        ValueError: a bad ``slide_id``, a label grid of another shape, or any argument the individual writers reject.
+        AtomicWriteError: a file could not be written (an ``OSError``; e.g. ``No space left on device: could not
+            write <path>``); the slide has no record then.
     """
     slide_id = str(slide_id)
     if not slide_id or slide_id in (".", "..") or "/" in slide_id or os.sep in slide_id:
@@ -841,6 +862,10 @@ def write_slide_outputs(
     arr = _check_prob(prob)
     if itk_format is not None and itk_format not in ITK_FORMATS:
         raise ValueError(f"`itk_format` must be one of {ITK_FORMATS} or None, got {itk_format!r}.")
+    label_grid = None if labels is None else np.asarray(labels)
+    if label_grid is not None and (label_grid.shape != arr.shape or not np.issubdtype(label_grid.dtype, np.integer)):
+        raise ValueError(f"`labels` must be an integer grid of the probability grid's shape {arr.shape}, got "
+                         f"{label_grid.dtype} {label_grid.shape}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path | None] = {
@@ -849,9 +874,19 @@ def write_slide_outputs(
         "heatmap_tiff": out / f"{slide_id}_heatmap.tif",
         "overlay_png": out / f"{slide_id}_overlay.png",
         "tumor_geojson": out / f"{slide_id}_tumor.geojson",
+        "labels_npy": out / f"{slide_id}_labels.npy" if label_grid is not None else None,
         "record_json": out / f"{slide_id}_record.json",
         "prob_itk": out / f"{slide_id}_prob.{itk_format}" if itk_format else None,
     }
+    # the folder is "incomplete" until the new record is written: no old record may vouch for a mix of files, and no
+    # output of an earlier run that this one does not write (e.g. a label grid the evaluation would read) stays
+    remove_stale_temporaries(out)
+    paths["record_json"].unlink(missing_ok=True)
+    not_written = [out / f"{slide_id}_overlay.png"] if thumbnail is None else []
+    not_written += [out / f"{slide_id}_labels.npy"] if label_grid is None else []
+    not_written += [out / f"{slide_id}_prob.{fmt}" for fmt in ITK_FORMATS if fmt != itk_format]
+    for old in not_written:
+        old.unlink(missing_ok=True)
     write_prob_npy(paths["prob_npy"], arr)
     write_prob_png(paths["prob_png"], arr)
     if paths["prob_itk"] is not None:
@@ -866,6 +901,8 @@ def write_slide_outputs(
         write_overlay_png(paths["overlay_png"], thumbnail, thumbnail_downsample, arr, cell_size, threshold=threshold)
     regions = tumor_regions(arr, cell_size, threshold=threshold, mpp=mpp)
     write_regions_geojson(paths["tumor_geojson"], regions)
+    if label_grid is not None:
+        write_npy_atomic(paths["labels_npy"], label_grid)
     score = slide_score(arr, method=score_method)
     status = slide_status(arr)
     write_run_record(

@@ -27,7 +27,7 @@ import numpy as np
 
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.prep.grid import PatchGrid, PatchLabel, label_cells, make_grid, read_patch_table, write_patch_table
-from monai_wsi_ext.io.atomic import write_json_atomic
+from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic
 from monai_wsi_ext.prep.tissue import TissueMask, detect_tissue, save_mask_png
 from monai_wsi_ext.io.wsi import Slide, open_slide
 from monai_wsi_ext.utils import file_sha256, split_set
@@ -308,6 +308,7 @@ def write_prepared(prepared: PreparedSlide, output_dir: str | os.PathLike) -> di
     out = Path(output_dir) / prepared.slide_id
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
+    remove_stale_temporaries(out)
     save_mask_png(out / "tissue_mask.png", prepared.tissue)
     write_patch_table(out / "patches.csv", prepared.grid)
     prepared.meta["files"] = {name: file_sha256(out / name) for name in PREPARED_FILES}
@@ -530,6 +531,7 @@ def prepare_dataset(inputs: list[SlideInput], output_dir: str | os.PathLike, cfg
     validate_prepare_config(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
     ids = [i.slide_id for i in inputs]
     dupes = {s for s in ids if ids.count(s) > 1}
     if dupes:
