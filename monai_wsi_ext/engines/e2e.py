@@ -19,7 +19,8 @@ back-propagation through the whole graph provided the second pass reproduces the
   would change the normalisation between the passes, and dropout would draw different masks.
 
 :func:`e2e_step` is the numeric core (a pure function, tested for exactness in float64);
-:class:`SurrogateE2ETrainer` wraps it in a MONAI/Ignite trainer.
+:class:`SurrogateE2ETrainer` wraps it in a MONAI/Ignite trainer, and :class:`StartValidationHandler` validates the
+separate model it starts from, so that the best-model files are only replaced by an epoch that beats that start.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
-from monai.engines import Trainer
+from ignite.engine import Engine, Events
+from monai.engines import Evaluator, Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils.enums import CommonKeys as Keys
 
@@ -60,6 +62,7 @@ __all__ = [
     "e2e_step",
     "slide_collate",
     "SurrogateE2ETrainer",
+    "StartValidationHandler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -455,6 +458,17 @@ class SurrogateE2ETrainer(Trainer):
         self.state.empty_skipped = 0
         self.state.amp_overflow_skipped = 0
 
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Ignite's ``load_state_dict`` (resuming), tolerant of a checkpoint that lacks some of the
+        ``state_dict_user_keys`` (one written before they were recorded, e.g. :class:`StartValidationHandler`'s):
+        those are set to None with a warning instead of failing the resume."""
+        missing = [k for k in self.state_dict_user_keys if k not in state_dict]
+        if missing:
+            self.logger.warning("resume: the checkpoint does not record %s (written by an older version); set to None",
+                                missing)
+            state_dict = {**state_dict, **dict.fromkeys(missing)}
+        super().load_state_dict(state_dict)
+
     # -- helpers -------------------------------------------------------------------------------------------------
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
@@ -651,3 +665,105 @@ class SurrogateE2ETrainer(Trainer):
             engine.state.output = [engine.state.output]
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+class StartValidationHandler:
+    """Validate the separate model end-to-end training starts from, so that no end-to-end epoch that validates worse
+    than it is ever saved as the best model.
+
+    Attach it to the trainer (list it in ``train_handlers`` next to MONAI's ``ValidationHandler``, with the same
+    ``validator``). Before the first epoch it runs ``validator.run(0)``: the validator's best-model
+    ``CheckpointSaver`` s write the starting model under their file names (``encoder_e2e.pt``, ``unet_e2e.pt``) and
+    record its key metric, and ``validator.state.best_metric`` becomes that score with ``best_metric_epoch`` 0. An
+    epoch's model replaces those files only when its key metric is strictly better than the best so far (the rule of
+    the savers and of ``metric_cmp_fn``), so the files never hold a model that validates worse than the start; when no
+    epoch beats it they hold the starting model, and the run ends with a warning saying so. The networks in memory
+    hold the last epoch's weights in either case.
+
+    The start is validated on ``EPOCH_STARTED`` of epoch 1 rather than on ``STARTED``: a resumable checkpoint is
+    loaded on ``STARTED`` by a handler attached after this one, and a resumed run (which starts at a later epoch) must
+    neither validate the start again nor replace the best-model files with it; it keeps the savers' and validator's
+    record from the checkpoint (:class:`~monai_wsi_ext.engines.checkpoints.ResumeState`).
+
+    Trainer state, saved in the resumable checkpoint (``state_dict_user_keys``): ``start_metric`` (the starting
+    model's key metric; None until it is validated, or after resuming a checkpoint that lacks the record),
+    ``best_val_metric`` and ``best_val_epoch`` (the best validation so far, 0 = the starting model; None before any
+    validation).
+
+    Args:
+        validator: the validation engine, with a key metric (``key_val_metric``).
+        checkpoints: the best-model file names, for the log lines.
+
+    Raises:
+        ConfigError: when ``validator`` has no key metric.
+    """
+
+    STATE_KEYS = ("start_metric", "best_val_metric", "best_val_epoch")
+
+    def __init__(self, validator: Evaluator, checkpoints: Sequence[str] = ()) -> None:
+        if getattr(validator.state, "key_metric_name", None) is None:
+            raise ConfigError("StartValidationHandler needs a validator with a key metric (`key_val_metric`).")
+        self.validator = validator
+        self.checkpoints = [str(c) for c in checkpoints]
+        self.scores: dict[int, float] = {}  # validated epoch -> key metric, this run
+        self.trainer: Engine | None = None
+
+    @property
+    def key_metric_name(self) -> str:
+        return self.validator.state.key_metric_name
+
+    def _files(self) -> str:
+        return ", ".join(self.checkpoints) or "the best-model files"
+
+    def attach(self, engine: Engine) -> None:
+        """Validate the start before epoch 1 of ``engine``, track the validations, log the outcome at the end."""
+        self.trainer = engine
+        for key in self.STATE_KEYS:
+            if key not in engine.state_dict_user_keys:
+                engine.state_dict_user_keys.append(key)
+            if not hasattr(engine.state, key):
+                setattr(engine.state, key, None)
+        engine.add_event_handler(Events.EPOCH_STARTED(once=1), self.validate_start)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        self.validator.add_event_handler(Events.COMPLETED, self._record)
+
+    def validate_start(self, engine: Engine) -> None:
+        """Run the validation on the starting model (validator epoch 0) and record its score."""
+        self.validator.run(0)
+        engine.state.start_metric = float(self.validator.state.metrics[self.key_metric_name])
+        engine.logger.info(
+            "end-to-end start: the starting (separate) model validates %s %.4f (epoch 0); %s hold it until an "
+            "epoch beats it", self.key_metric_name, engine.state.start_metric, self._files())
+
+    def _sync(self, engine: Engine) -> None:
+        """Copy the validator's best metric and epoch (restored too when resuming) into ``engine.state``."""
+        vst = self.validator.state
+        if getattr(vst, "best_metric_epoch", -1) >= 0:
+            engine.state.best_val_metric = float(vst.best_metric)
+            engine.state.best_val_epoch = int(vst.best_metric_epoch)
+
+    def _record(self, validator: Engine) -> None:
+        if self.trainer is None:
+            return
+        self.scores[int(validator.state.epoch)] = float(validator.state.metrics[self.key_metric_name])
+        self._sync(self.trainer)
+
+    def completed(self, engine: Engine) -> None:
+        """Log the best epoch against the start, or that no epoch beat the start."""
+        self._sync(engine)
+        st = engine.state
+        name = self.key_metric_name
+        start = "not recorded" if st.start_metric is None else f"{st.start_metric:.4f}"
+        if st.best_val_epoch is None:
+            engine.logger.warning("end-to-end training: no validation was run; %s were not written", self._files())
+        elif st.best_val_epoch == 0:
+            tried = {e: s for e, s in self.scores.items() if e > 0}
+            best = max(tried, key=tried.get) if tried else None
+            detail = (f"best end-to-end epoch {best}: {tried[best]:.4f}" if best is not None
+                      else "no end-to-end epoch was validated")
+            engine.logger.warning(
+                "end-to-end training: no epoch beat the starting (separate) model on %s (start %s, %s); %s hold the "
+                "starting model", name, start, detail, self._files())
+        else:
+            engine.logger.info("end-to-end training: best epoch %d, %s %.4f against %s at the start; saved to %s",
+                               st.best_val_epoch, name, st.best_val_metric, start, self._files())
