@@ -482,3 +482,20 @@ class TestEvaluateAndSummarize(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_slide_without_tissue_has_no_score_and_stays_out_of_the_slide_auc():
+    """A no-tissue slide used to be scored a confident 0.0 (and counted as a correct normal slide in the AUC)."""
+    from monai_wsi_ext.evaluation.metrics import LABEL_BACKGROUND, LABEL_NORMAL, LABEL_TUMOR, evaluate_slide, summarize
+
+    empty = evaluate_slide(np.zeros((4, 4)), np.full((4, 4), LABEL_BACKGROUND), cell_size_um=128.0, slide_label=0)
+    assert empty["slide_score"] is None and empty["status"] == "no_tissue"
+    labels = np.full((4, 4), LABEL_NORMAL)
+    labels[0, 0] = LABEL_TUMOR
+    probs = np.full((4, 4), 0.2)
+    probs[0, 0] = 0.9
+    tumor = evaluate_slide(probs, labels, cell_size_um=128.0)
+    normal = evaluate_slide(np.full((4, 4), 0.3), np.full((4, 4), LABEL_NORMAL), cell_size_um=128.0)
+    assert tumor["status"] == normal["status"] == "ok"
+    out = summarize([tumor, normal, empty])
+    assert out["n_no_tissue"] == 1 and out["slide_auc"] == 1.0

@@ -238,3 +238,15 @@ def test_prepare_bundle_config_runs_with_the_shared_settings(tmp_path, synthetic
     assert set(_datalist(tmp_path / "out")) == {"training", "validation"} and _patch_sizes(tmp_path / "out") == {64}
     res = subprocess.run(cmd[:-2] + ["--patch_sise", "64"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 2 and "patch_size" in res.stderr
+
+
+def test_inference_on_new_slides_honours_the_slide_timeout(synthetic_dataset):
+    """``prepare#slide_timeout_s`` also bounds inference's in-memory preparation: the slide becomes a recorded
+    failure (the evaluator skips it and the run ends non-zero), the other slides go on."""
+    from monai_wsi_ext.inference.slides import SlideDataset
+
+    image = synthetic_dataset.records[0]["image"]
+    late = SlideDataset(slides=[image], prepare={"patch_size": 64, "slide_timeout_s": 1e-6})[0]
+    assert "error" in late and "SlideTimeoutError" in late["error"] and image in late["error"]
+    ok = SlideDataset(slides=[image], prepare={"patch_size": 64, "slide_timeout_s": 600})[0]
+    assert "error" not in ok and len(ok["prepared"].grid) > 0

@@ -309,7 +309,8 @@ class SegmentationPredictor:
                                           meta.dimensions, meta.mpp, thumb, thumb_ds,
                                           threshold=self.threshold, config=self.config, weights=weights,
                                           labels=grid.label_grid())
-                results[sid] = {"slide_score": out["slide_score"], "n_patches": len(grid),
+                results[sid] = {"slide_score": out["slide_score"], "status": out.get("status", "ok"),
+                                "n_patches": len(grid),
                                 "seconds": round(time.perf_counter() - t0, 2), "dir": str(self.output_dir / sid)}
                 logger.info("%s: segmentation-only heatmap, %d cells, %.1f s", sid, len(grid), results[sid]["seconds"])
             except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:

@@ -745,8 +745,9 @@ def evaluate_slide(
 
     Returns:
         A flat dict: the :func:`patch_metrics` keys, ``dice`` (on tumor/normal cells), ``tumor_points``,
-        ``slide_score`` (the maximum probability over tissue cells), ``slide_label``, ``pred_class``, ``gt_class``,
-        ``pred_diameter_um``, ``gt_diameter_um``, ``threshold``, and ``PATCHES_KEY`` if asked.
+        ``slide_score`` (the maximum probability over tissue cells; None for a slide without tissue cells),
+        ``status`` (``ok`` or ``no_tissue``), ``slide_label``, ``pred_class``, ``gt_class``, ``pred_diameter_um``,
+        ``gt_diameter_um``, ``threshold``, and ``PATCHES_KEY`` if asked.
 
     Raises:
         ValueError: when the grids' shapes differ or a label is unknown.
@@ -762,7 +763,9 @@ def evaluate_slide(
     out["dice"] = dice(probs, tumor, threshold, valid=labels >= 0)
     out["tumor_points"] = count_tumor_points(probs, labels, threshold, max_size=max_point_size)
     finite = tissue_probs[np.isfinite(tissue_probs)]
-    out["slide_score"] = float(finite.max()) if finite.size else 0.0
+    # no tissue: no score (not a confident 0.0), and the slide is left out of the slide AUC
+    out["slide_score"] = float(finite.max()) if finite.size else None
+    out["status"] = "ok" if finite.size else "no_tissue"
     out["slide_label"] = int(tumor.any()) if slide_label is None else int(slide_label)
     out["pred_diameter_um"] = largest_tumor_diameter_um(_predicted(tissue_probs, threshold), cell_size_um)
     out["gt_diameter_um"] = largest_tumor_diameter_um(tumor, cell_size_um)
@@ -789,7 +792,8 @@ def summarize(per_slide: Sequence[Mapping[str, Any]], threshold: float | None = 
         A flat dict: ``n_slides``; ``pooled_*`` (:func:`patch_metrics` over all patches of all slides; the AUCs need
         every slide's ``PATCHES_KEY``, else they are NaN and the accuracy comes from the slides' counts);
         ``mean_*`` (mean over slides of accuracy, pr_auc, roc_auc, dice, tumor_points, ignoring NaN);
-        ``slide_auc`` (:func:`slide_auc` of ``slide_score``); ``slide_class_agreement`` (fraction of slides whose
+        ``slide_auc`` (:func:`slide_auc` of ``slide_score`` over the slides that have one); ``n_no_tissue`` (slides
+        without a score: no tissue cell); ``slide_class_agreement`` (fraction of slides whose
         predicted class equals the ground-truth class).
 
     Raises:
@@ -822,9 +826,12 @@ def summarize(per_slide: Sequence[Mapping[str, Any]], threshold: float | None = 
     for key in _MEAN_KEYS:
         out[f"mean_{key}"] = _nanmean([s.get(key, _NAN) for s in per_slide])
     if all("slide_score" in s and "slide_label" in s for s in per_slide):
-        out["slide_auc"] = slide_auc([s["slide_score"] for s in per_slide], [s["slide_label"] for s in per_slide])
+        scored = [s for s in per_slide if s["slide_score"] is not None]
+        out["slide_auc"] = slide_auc([s["slide_score"] for s in scored], [s["slide_label"] for s in scored]) \
+            if scored else _NAN
     else:
         out["slide_auc"] = _NAN
+    out["n_no_tissue"] = sum(s.get("slide_score", 0.0) is None for s in per_slide)
     if all("pred_class" in s and "gt_class" in s for s in per_slide):
         out["slide_class_agreement"] = float(np.mean([s["pred_class"] == s["gt_class"] for s in per_slide]))
     else:

@@ -24,7 +24,7 @@ from monai_wsi_ext.io.wsi import SlideReader
 from monai_wsi_ext.model.predict import CanvasInferer
 from monai_wsi_ext.outputs.handlers import HeatmapWriter, InferenceSummary
 from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, collect_inputs, load_prepared_slides, \
-    prepare_in_memory
+    prepare_in_memory, slide_timeout_for
 from monai_wsi_ext.utils import resolve_device, split_set
 
 __all__ = ["SlideDataset", "SlideInference"]
@@ -85,7 +85,10 @@ class SlideDataset(Dataset):
         entry = self.items[index]
         try:
             if isinstance(entry, SlideInput):
-                prepared = prepare_in_memory(entry, self.cfg, self.reader.open(entry.image, entry.extra.get("mpp")))
+                # prepare#slide_timeout_s bounds the slide's opening and tissue/grid reads (a slow or forged file)
+                with slide_timeout_for(self.cfg, entry):
+                    prepared = prepare_in_memory(entry, self.cfg,
+                                                 self.reader.open(entry.image, entry.extra.get("mpp")))
             else:
                 prepared = entry
             source = SlidePatchSource.from_prepared(prepared, self.transform, self.reader.backend, self.num_workers)
