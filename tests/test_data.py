@@ -20,6 +20,7 @@ from monai_wsi_ext.data.patches import (
     make_patch_transform,
 )
 from monai_wsi_ext.prep.prepare import load_prepared_slides
+from monai_wsi_ext.errors import ConfigError
 
 
 def _raw(n=6, size=32, seed=0):
@@ -103,7 +104,7 @@ def test_patch_dataset_reads_datalist_and_drops_nolabel(prepared_dataset):
     assert len(ds) == len(items)
     sample = ds[0]
     assert sample["image"].shape == (3, 64, 64) and int(sample["label"]) == items[0]["label"]
-    with pytest.raises(KeyError, match="no split"):
+    with pytest.raises(ConfigError, match="no split"):
         load_datalist(out / "datalist.json", "nonexistent")
 
 

@@ -152,3 +152,24 @@ def test_package_error_is_found_in_the_exception_chain():
     except RuntimeError as outer:
         assert package_error(outer) is inner
     assert package_error(ValueError("a bug")) is None
+
+
+def test_crop_larger_than_the_prepared_patches_fails_before_training(prepared_dataset):
+    """A dataset prepared at 64 px with the default config (crop 224) used to fail inside a DataLoader worker
+    (``crop_size 224 is larger than the patch (64x64)``) after the model was built; now the dataset refuses it
+    when the config builds it, naming the option, the dataset's patch size and the fix."""
+    from monai.bundle import ConfigParser
+
+    from monai_wsi_ext.config_check import package_error
+
+    out, _ = prepared_dataset
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train_encoder.json")])
+    parser.update({"dataset_dir": str(out), "device": "cpu"})
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("train#dataset")
+    error = package_error(err.value)
+    assert isinstance(error, ConfigError), err.value
+    assert "`crop_size` 224" in str(error) and "[64] px" in str(error) and "--crop_size 56" in str(error)
+    parser.update({"crop_size": 56})
+    assert len(parser.get_parsed_content("train#dataset", lazy=False)) > 0

@@ -23,7 +23,7 @@ import torch
 from monai.transforms import Randomizable
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from monai_wsi_ext.errors import MonaiWsiExtError
+from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.prep.grid import PatchLabel
 from monai_wsi_ext.prep.prepare import PreparedSlide, load_prepared_slides
 from monai_wsi_ext.io.wsi import Slide, open_slide
@@ -309,12 +309,18 @@ class PatchDataset(Dataset):
         items: datalist items (see :func:`monai_wsi_ext.prep.prepare.datalist_items`).
         transform: callable on the HWC uint8 patch (see :func:`make_patch_transform`); None gives CHW float.
         backend: slide reader backend.
-        include_nolabel: keep ``label == -1`` items.
+        include_nolabel: keep ``PatchLabel.NOLABEL`` (-1) items.
+
+    Raises:
+        ConfigError: the transform's ``crop_size`` is larger than the dataset's patches (e.g. a dataset prepared at
+            64 px with the default 224 px crop), before any patch is read.
     """
 
     def __init__(self, items: Sequence[dict], transform=None, backend: str = "auto", include_nolabel: bool = False):
-        self.items = [d for d in items if include_nolabel or int(d.get("label", 0)) != PatchLabel.NOLABEL]
+        self.items = [d for d in items
+                      if include_nolabel or int(d.get("label", PatchLabel.NORMAL)) != PatchLabel.NOLABEL]
         self.transform = transform if transform is not None else EvalTransform(None)
+        check_crop_fits(self.items, transform_crop_size(self.transform))
         self.cache = SlideCache(backend)
 
     def __len__(self) -> int:
@@ -322,7 +328,7 @@ class PatchDataset(Dataset):
 
     @property
     def labels(self) -> np.ndarray:
-        return np.array([int(d.get("label", -1)) for d in self.items], np.int64)
+        return np.array([int(d.get("label", PatchLabel.NOLABEL)) for d in self.items], np.int64)
 
     def __getitem__(self, index: int) -> dict:
         d = self.items[index]
@@ -330,7 +336,7 @@ class PatchDataset(Dataset):
         (y, x), (h, w) = d["location"], d["size"]
         patch = slide.read_region(x, y, w, h, int(d.get("level", 0)))
         return {PatchKeys.IMAGE.value: self.transform(patch),
-                PatchKeys.LABEL.value: torch.tensor(int(d.get("label", -1)), dtype=torch.long),
+                PatchKeys.LABEL.value: torch.tensor(int(d.get("label", PatchLabel.NOLABEL)), dtype=torch.long),
                 PatchKeys.SLIDE_ID.value: str(d.get("slide_id", "")), PatchKeys.ROW.value: int(d.get("row", -1)),
                 PatchKeys.COL.value: int(d.get("col", -1))}
 
@@ -352,13 +358,44 @@ def balanced_sampler(labels: Sequence[int], num_samples: int | None = None, seed
 
 
 def load_datalist(path: str | os.PathLike, key: str | Sequence[str] = "training") -> list[dict]:
-    """Items of one or several splits of a ``datalist.json`` written by ``prepare_dataset``."""
+    """Items of one or several splits of a ``datalist.json`` written by ``prepare_dataset``.
+
+    Raises:
+        ConfigError: the file is missing or has no such split (naming the splits it has).
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no datalist (`dataset_dir` must be a folder written by "
+                          "scripts/prepare_dataset.py)")
     data = json.loads(Path(path).read_text())
     keys = [key] if isinstance(key, str) else list(key)
     missing = [k for k in keys if k not in data]
     if missing:
-        raise KeyError(f"{path}: no split {missing}; it has {sorted(data)}")
+        raise ConfigError(f"{path}: no split {missing}; it has {sorted(data)} (prepare the slides of that split into "
+                          "the same folder: scripts/prepare_dataset.py --split ...)")
     return [item for k in keys for item in data[k]]
+
+
+def transform_crop_size(transform) -> int | None:
+    """The ``crop_size`` of a patch transform from :func:`make_patch_transform` (None when it does not crop)."""
+    main = getattr(transform, "main", transform)
+    return getattr(main, "crop_size", None)
+
+
+def check_crop_fits(items: Sequence[dict], crop_size: int | None) -> None:
+    """Fail before training when ``crop_size`` does not fit the datalist's patches.
+
+    Raises:
+        ConfigError: naming ``crop_size``, the patch sizes of the dataset and the fix.
+    """
+    if not crop_size or not items:
+        return
+    sides = {min(int(v) for v in d["size"]) for d in items if "size" in d}
+    if sides and int(crop_size) > min(sides):
+        side = min(sides)
+        raise ConfigError(f"`crop_size` {crop_size} is larger than the dataset's patches ({sorted(sides)} px, as "
+                          f"prepared in `dataset_dir`): give e.g. --crop_size {max(1, round(side * 224 / 256))} "
+                          f"--patch_size {side} (the paper's 224/256 ratio), or prepare the slides with larger "
+                          "patches")
 
 
 def _shares_memory(t: torch.Tensor, arr: np.ndarray) -> bool:
