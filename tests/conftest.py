@@ -101,3 +101,15 @@ def prepared_dataset(synthetic_dataset, tmp_path_factory) -> tuple[Path, dict]:
 def venv_python() -> str:
     """The interpreter running the tests (the project's venv), for CLI subprocesses."""
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (OpenMP threads spinning on a shared 2-core machine make small training runs
+    many times slower), restored afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

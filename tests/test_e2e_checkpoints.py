@@ -54,14 +54,7 @@ class ScriptedScore(Metric):
         return self.scores[self.calls - 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for this module (OpenMP threads spinning on a shared machine make these runs many times
-    slower), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
