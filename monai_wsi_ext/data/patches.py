@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import Randomizable
+from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
@@ -115,10 +116,43 @@ def adjust_colour_batch(img: torch.Tensor, saturation: torch.Tensor, contrast: t
     return img
 
 
+# scikit-image's H&E-DAB stain vectors (Ruifrok & Johnston): optical density = stains @ _RGB_FROM_HED
+_RGB_FROM_HED = np.asarray(rgb_from_hed, np.float64)
+_HED_FROM_RGB = np.asarray(hed_from_rgb, np.float64)
+COLOUR_SPACES = ("rgb", "hed")
+
+
+def channel_colour_batch(img: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, space: str = "rgb"
+                         ) -> torch.Tensor:
+    """The review article's colour augmentation: each channel multiplied by its own factor and shifted by its own
+    amount, per image, of a float (n, 3, h, w) batch in [0, 1].
+
+    Args:
+        img: the batch.
+        shift: (n, 3) additive shifts (RGB intensity, or stain optical density for ``hed``).
+        scale: (n, 3) multiplicative factors.
+        space: ``rgb`` (on the intensities) or ``hed`` (on the haematoxylin, eosin and DAB concentrations of the
+            colour deconvolution, then back to RGB).
+    """
+    shift, scale = shift.to(img).view(-1, 3, 1, 1), scale.to(img).view(-1, 3, 1, 1)
+    if space == "rgb":
+        return (img * scale + shift).clamp_(0.0, 1.0)
+    if space != "hed":
+        raise ConfigError(f"`colour_space` must be one of {COLOUR_SPACES}, got {space!r}.")
+    od = -torch.log(img.clamp(min=1e-6))
+    to_hed, to_rgb = (img.new_tensor(m) for m in (_HED_FROM_RGB, _RGB_FROM_HED))
+    stains = torch.einsum("nchw,cd->ndhw", od, to_hed) * scale + shift
+    return torch.exp(-torch.einsum("ndhw,dc->nchw", stains, to_rgb)).clamp_(0.0, 1.0)
+
+
 class PaperAugment(Randomizable):
     """The training augmentation of Takahama et al.: random ``crop_size`` crop, rotation by 0/90/180/270,
     left-right flip, and saturation, contrast, brightness and sharpness each scaled by a factor drawn from
-    ``factor_range`` (torchvision's ``adjust_*`` formulas, see :func:`adjust_colour_batch`).
+    ``factor_range`` (torchvision's ``adjust_*`` formulas, see :func:`adjust_colour_batch`); optionally followed
+    by the review article's per-channel colour augmentation (:func:`channel_colour_batch`: a factor from
+    ``[1 - colour_scale, 1 + colour_scale]`` and a shift from ``[-colour_shift, colour_shift]`` per channel, in RGB
+    or HED space). With both at 0 (the default) no extra random number is drawn, so the paper's draws stay as they
+    were.
 
     All randomness is drawn from a numpy ``RandomState``, so ``set_random_state(seed)`` followed by a call, or
     :meth:`apply_batch` with that seed, reproduces the same pixels exactly — end-to-end training relies on it to
@@ -128,20 +162,34 @@ class PaperAugment(Randomizable):
     Args:
         crop_size: side of the random crop (None: no crop).
         factor_range: range of the colour factors (paper: 0.75-1.25).
+        colour_shift: half-width of the per-channel additive shift (0: none).
+        colour_scale: half-width of the per-channel multiplicative factor around 1 (0: none).
+        colour_space: ``rgb`` or ``hed``.
     """
 
-    def __init__(self, crop_size: int | None = 224, factor_range: tuple[float, float] = (0.75, 1.25)):
+    def __init__(self, crop_size: int | None = 224, factor_range: tuple[float, float] = (0.75, 1.25),
+                 colour_shift: float = 0.0, colour_scale: float = 0.0, colour_space: str = "rgb"):
         self.crop_size = crop_size
         self.factor_range = (float(factor_range[0]), float(factor_range[1]))
+        if colour_space not in COLOUR_SPACES:
+            raise ConfigError(f"`colour_space` must be one of {COLOUR_SPACES}, got {colour_space!r}.")
+        if float(colour_shift) < 0 or not 0 <= float(colour_scale) < 1:
+            raise ConfigError(f"`colour_shift` must be >= 0 and `colour_scale` in [0, 1), got {colour_shift}, "
+                              f"{colour_scale}.")
+        self.colour_shift, self.colour_scale, self.colour_space = float(colour_shift), float(colour_scale), colour_space
 
     def _draw(self, rng: np.random.RandomState, h: int, w: int) -> dict:
         cs = self.crop_size
         if cs and cs > min(h, w):
             raise ValueError(f"`crop_size` {cs} is larger than the patch ({h}x{w}).")
         lo, hi = self.factor_range
-        return {"top": int(rng.randint(0, h - cs + 1)) if cs else 0,
-                "left": int(rng.randint(0, w - cs + 1)) if cs else 0,
-                "k": int(rng.randint(0, 4)), "flip": bool(rng.rand() < 0.5), "factors": rng.uniform(lo, hi, size=4)}
+        p = {"top": int(rng.randint(0, h - cs + 1)) if cs else 0,
+             "left": int(rng.randint(0, w - cs + 1)) if cs else 0,
+             "k": int(rng.randint(0, 4)), "flip": bool(rng.rand() < 0.5), "factors": rng.uniform(lo, hi, size=4)}
+        if self.colour_shift or self.colour_scale:
+            p["shift"] = rng.uniform(-self.colour_shift, self.colour_shift, size=3)
+            p["scale"] = rng.uniform(1.0 - self.colour_scale, 1.0 + self.colour_scale, size=3)
+        return p
 
     def randomize(self, data=None) -> None:  # parameters are drawn inside __call__/apply_batch
         pass
@@ -164,7 +212,12 @@ class PaperAugment(Randomizable):
             params.append(self._draw(rng, *t.shape[-2:]))
         batch = torch.stack([self._geometry(t, p) for t, p in zip(imgs, params)])
         fac = torch.as_tensor(np.stack([p["factors"] for p in params]), dtype=torch.float32)
-        return adjust_colour_batch(batch, *fac.unbind(1)).contiguous()
+        out = adjust_colour_batch(batch, *fac.unbind(1))
+        if "shift" in params[0]:
+            shift, scale = (torch.as_tensor(np.stack([p[k] for p in params]), dtype=torch.float32)
+                            for k in ("shift", "scale"))
+            out = channel_colour_batch(out, shift, scale, self.colour_space)
+        return out.contiguous()
 
     def __call__(self, img) -> torch.Tensor:
         return self.apply_batch([img])[0]
@@ -261,10 +314,13 @@ class _Chain:
 
 
 def make_patch_transform(train: bool, crop_size: int | None = 224, stain_normalize: bool = False,
-                         factor_range: tuple[float, float] = (0.75, 1.25)):
-    """The patch transform: :class:`PaperAugment` for training, :class:`EvalTransform` otherwise, optionally after
-    :class:`StainNormalize`. The result has ``set_random_state(seed)``."""
-    main = PaperAugment(crop_size, factor_range) if train else EvalTransform(crop_size)
+                         factor_range: tuple[float, float] = (0.75, 1.25), colour_shift: float = 0.0,
+                         colour_scale: float = 0.0, colour_space: str = "rgb"):
+    """The patch transform: :class:`PaperAugment` for training (with the optional per-channel colour augmentation),
+    :class:`EvalTransform` otherwise, optionally after :class:`StainNormalize`. The result has
+    ``set_random_state(seed)``."""
+    main = PaperAugment(crop_size, factor_range, colour_shift, colour_scale, colour_space) if train \
+        else EvalTransform(crop_size)
     return _Chain(StainNormalize(), main) if stain_normalize else main
 
 
