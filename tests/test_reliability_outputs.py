@@ -242,7 +242,8 @@ def _fake_slide(root: Path, sid: str, split: str = "training"):
     thumb = np.full((6 * 4, 8 * 4, 3), 220, np.uint8)
     slide = types.SimpleNamespace(thumbnail=lambda max_size=2048: (thumb, 16.0))
     return types.SimpleNamespace(slide_id=sid, grid=grid, dir=str(folder), split=split, image=str(folder / "x.tif"),
-                                 mpp=0.5, dimensions=(8 * CELL, 6 * CELL), open=lambda backend="auto": slide)
+                                 mpp=0.5, dimensions=(8 * CELL, 6 * CELL), open=lambda backend="auto": slide,
+                                 close=lambda: None)
 
 
 def _engine(meta, probs):
@@ -285,7 +286,8 @@ def _fake_encoder(monkeypatch):
     """Feature extraction without reading patches or running a network: 4 features per patch."""
     import torch
 
-    from monai_wsi_ext.inference import features as F
+    from monai_wsi_ext.data.patches import SlidePatchSource
+    from monai_wsi_ext.model import predict as P
 
     def from_prepared(meta, *args, **kwargs):
         return types.SimpleNamespace(n=len(meta.grid), close=lambda: None)
@@ -294,19 +296,19 @@ def _fake_encoder(monkeypatch):
         n = source.n
         return np.arange(n * 4, dtype=np.float32).reshape(n, 4), np.linspace(0, 1, n, dtype=np.float32)
 
-    monkeypatch.setattr(F.SlidePatchSource, "from_prepared", staticmethod(from_prepared))
-    monkeypatch.setattr(F, "encode_slide", encode)
+    monkeypatch.setattr(SlidePatchSource, "from_prepared", staticmethod(from_prepared))
+    monkeypatch.setattr(P, "encode_slide", encode)  # what the feature extraction's CanvasInferer calls
     return torch.nn.Identity()
 
 
 def test_feature_extraction_full_disk_and_stale_temporaries(tmp_path, monkeypatch):
     from monai_wsi_ext.data.features import CanvasDataset
-    from monai_wsi_ext.inference import features as F
+    from monai_wsi_ext.inference import slides as S
     from monai_wsi_ext.inference.features import FeatureExtractor
 
     encoder = _fake_encoder(monkeypatch)
     slides = [_fake_slide(tmp_path, "train_000"), _fake_slide(tmp_path, "train_001")]
-    monkeypatch.setattr(F, "load_prepared_slides", lambda prepared_dir, splits=None: slides)
+    monkeypatch.setattr(S, "load_prepared_slides", lambda prepared_dir, splits=None: slides)  # the SlideDataset's
     feat = tmp_path / "features"
     feat.mkdir()
     stale = feat / ".train_000.npz.k2j4x9_a.npz"  # a truncated feature file left by a kill

@@ -4,10 +4,13 @@
   resolution). :class:`SlideImageDataset` reads each prepared slide at ``1 / downsample`` of level 0, cropped to
   the patch grid, so that every grid cell is exactly ``cell_size / downsample`` pixels (``pixels_per_cell``);
   the label image is the patch grid's labels at the same scale (one block per cell; nolabel and background are
-  ignored by the loss), i.e. the same supervision every other method sees. :class:`SegmentationPredictor`
+  ignored by the loss), i.e. the same supervision every other method sees. :class:`SegmentationInferer`
   predicts the whole image with a sliding window and maps the tumor probability back onto the patch grid as the
-  mean over each cell's pixels, then writes the same heatmap folder as
-  :class:`~monai_wsi_ext.inference.slides.SlideInference`, so the same evaluation applies.
+  mean over each cell's pixels; ``baseline_segmentation.json`` runs it in the
+  :class:`~monai_wsi_ext.engines.evaluators.SlideEvaluator` with the
+  :class:`~monai_wsi_ext.outputs.handlers.HeatmapWriter`, so it writes the same heatmap folder as
+  :class:`~monai_wsi_ext.inference.slides.SlideInference` and the same evaluation applies
+  (:class:`SegmentationPredictor` builds the same components from Python).
 * **Frozen features**: an encoder never trained on patches (random init, or ``pretrained_path`` weights for the
   backbone), frozen, whose canvases train the U-Net. :func:`frozen_encoder` builds it from its own seed, so that
   feature extraction and inference get identical weights in any process and whatever else drew random numbers
@@ -30,13 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 from monai.utils.enums import CommonKeys as Keys
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from monai_wsi_ext.model.canvas import IGNORE_INDEX
-
-from monai_wsi_ext.prep.prepare import load_prepared_slides
+from monai_wsi_ext.engines.e2e import slide_collate
+from monai_wsi_ext.engines.evaluators import SlideEvaluator
+from monai_wsi_ext.engines.handlers import StrictCheckpointLoader
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
-from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic
+from monai_wsi_ext.inference.slides import SlideDataset
+from monai_wsi_ext.io.wsi import Slide, SlideReader, open_slide
+from monai_wsi_ext.model.canvas import IGNORE_INDEX
+from monai_wsi_ext.model.predict import eval_mode
+from monai_wsi_ext.outputs.handlers import HeatmapWriter, InferenceSummary
+from monai_wsi_ext.prep.prepare import PreparedSlide, load_prepared_slides
+from monai_wsi_ext.utils import module_device, resolve_device
 
 __all__ = [
     "frozen_encoder",
@@ -45,6 +54,7 @@ __all__ = [
     "label_image",
     "cell_means",
     "SlideImageDataset",
+    "SegmentationInferer",
     "SegmentationPredictor",
 ]
 
@@ -90,7 +100,8 @@ def pixels_per_cell(cell_size: float, downsample: float) -> int:
     return int(round(ppc))
 
 
-def read_grid_image(meta: dict, downsample: float, backend: str = "auto", strip_cells: int = 64) -> np.ndarray:
+def read_grid_image(meta: PreparedSlide, downsample: float, backend: str = "auto", strip_cells: int = 64,
+                    slide: Slide | None = None) -> np.ndarray:
     """The slide's RGB image at ``1 / downsample`` of level 0 over the patch grid's extent.
 
     The image has ``(rows * ppc, cols * ppc, 3)`` pixels for a ``(rows, cols)`` grid with ``ppc`` from
@@ -98,36 +109,36 @@ def read_grid_image(meta: dict, downsample: float, backend: str = "auto", strip_
     rows and resized with a box filter, so a whole level is never held in memory.
 
     Args:
-        meta: a prepared slide (:func:`monai_wsi_ext.data.patches.load_prepared_slides`).
+        meta: a prepared slide (:class:`~monai_wsi_ext.prep.prepare.PreparedSlide`).
         downsample: level-0 pixels per image pixel.
         backend: slide reader backend.
         strip_cells: grid rows per read.
+        slide: the slide, already open (it stays open); None opens it for the read and closes it.
 
     Returns:
         ``uint8`` array ``(H, W, 3)``.
     """
     from PIL import Image
 
-    from monai_wsi_ext.io.wsi import open_slide
-
     grid = meta.grid
     cell = float(grid.cell_size)
     ppc = pixels_per_cell(cell, downsample)
+    if slide is None:
+        with open_slide(meta.image, backend=backend, mpp=meta.reader_mpp) as opened:
+            return read_grid_image(meta, downsample, backend, strip_cells, slide=opened)
     rows, cols = grid.shape
     out = np.empty((rows * ppc, cols * ppc, 3), np.uint8)
-    mpp = meta.reader_mpp
-    with open_slide(meta.image, backend=backend, mpp=mpp) as slide:
-        level = slide.best_level_for_downsample(downsample)
-        lds = float(slide.level_downsamples[level])
-        lw, lh = slide.level_dimensions[level]
-        for r0 in range(0, rows, strip_cells):
-            r1 = min(rows, r0 + strip_cells)
-            y0 = int(round(r0 * cell))
-            width = min(int(math.ceil(cols * cell / lds)), lw)
-            height = min(int(math.ceil((r1 - r0) * cell / lds)), lh - int(y0 / lds))
-            region = slide.read_region(0, y0, width, max(height, 1), level)
-            img = Image.fromarray(region).resize((cols * ppc, (r1 - r0) * ppc), Image.Resampling.BOX)
-            out[r0 * ppc:r1 * ppc] = np.asarray(img)
+    level = slide.best_level_for_downsample(downsample)
+    lds = float(slide.level_downsamples[level])
+    lw, lh = slide.level_dimensions[level]
+    for r0 in range(0, rows, strip_cells):
+        r1 = min(rows, r0 + strip_cells)
+        y0 = int(round(r0 * cell))
+        width = min(int(math.ceil(cols * cell / lds)), lw)
+        height = min(int(math.ceil((r1 - r0) * cell / lds)), lh - int(y0 / lds))
+        region = slide.read_region(0, y0, width, max(height, 1), level)
+        img = Image.fromarray(region).resize((cols * ppc, (r1 - r0) * ppc), Image.Resampling.BOX)
+        out[r0 * ppc:r1 * ppc] = np.asarray(img)
     return out
 
 
@@ -227,11 +238,66 @@ class SlideImageDataset(Dataset):
                 "slide_id": item["slide_id"]}
 
 
+class SegmentationInferer:
+    """The segmentation-only baseline as a slide inferer for the
+    :class:`~monai_wsi_ext.engines.evaluators.SlideEvaluator`: the slide's RGB image at ``1 / downsample`` over the
+    patch grid (:func:`read_grid_image`), the U-Net (the ``network`` the evaluator passes) over it with a sliding
+    window, and the mean tumor probability over each grid cell's pixels (:func:`cell_means`).
+
+    ``inferer(item, network)`` takes a slide item with ``prepared`` (a
+    :class:`~monai_wsi_ext.prep.prepare.PreparedSlide`; its slide is opened once and left open for the heatmap
+    writer's thumbnail, the evaluator closes it) and returns ``{"probs": (N,) float32}`` in patch-table order, as
+    :class:`~monai_wsi_ext.model.predict.CanvasInferer` does, for the
+    :class:`~monai_wsi_ext.outputs.handlers.HeatmapWriter`.
+
+    Args:
+        downsample: level-0 pixels per image pixel, as in training (the paper: 8).
+        inferer: the window inferer over the image (default: MONAI's ``SlidingWindowInferer`` with ``roi_size``,
+            ``sw_batch_size``, ``overlap`` and gaussian weighting).
+        roi_size: sliding-window side in image pixels (with ``inferer=None``).
+        sw_batch_size: windows per forward pass (with ``inferer=None``).
+        overlap: sliding-window overlap (with ``inferer=None``).
+        backend: slide reader backend.
+    """
+
+    def __init__(self, downsample: float = 8, inferer=None, roi_size: int = 128, sw_batch_size: int = 4,
+                 overlap: float = 0.25, backend: str = "auto"):
+        if inferer is None:
+            from monai.inferers import SlidingWindowInferer
+
+            inferer = SlidingWindowInferer(roi_size=(int(roi_size), int(roi_size)), sw_batch_size=int(sw_batch_size),
+                                           overlap=float(overlap), mode="gaussian")
+        self.downsample, self.inferer, self.backend = downsample, inferer, backend
+
+    def predict_image(self, image: np.ndarray, network: torch.nn.Module) -> np.ndarray:
+        """``(H, W, 3)`` uint8 image -> ``(H, W)`` float32 tumor probability, in eval mode."""
+        dev, _ = module_device(network)
+        x = torch.from_numpy(np.ascontiguousarray(image).transpose(2, 0, 1).copy()).float()[None] / 255.0
+        with eval_mode(network), torch.inference_mode():
+            logits = self.inferer(x.to(dev), network)
+        return torch.softmax(logits.float(), dim=1)[0, 1].cpu().numpy()
+
+    def __call__(self, inputs: dict, network: torch.nn.Module | None = None) -> dict:
+        if network is None:
+            raise ValueError("the segmentation inferer needs the RGB U-Net as `network`.")
+        prepared = inputs["prepared"]
+        grid = prepared.grid
+        ppc = pixels_per_cell(grid.cell_size, self.downsample)
+        image = read_grid_image(prepared, self.downsample, self.backend, slide=prepared.open(self.backend))
+        cells = cell_means(self.predict_image(image, network), ppc, grid.shape)
+        return {"probs": cells[grid.rows, grid.cols]}
+
+
 class SegmentationPredictor:
-    """Segmentation-only heatmaps: the U-Net over each downsampled slide, mean tumor probability per grid cell,
-    written like :class:`~monai_wsi_ext.inference.slides.SlideInference` (``<output_dir>/<id>/<id>_prob.npy``,
-    ``_labels.npy``, PNG/TIFF/GeoJSON/overlay and, last, ``_record.json``; ``inference_summary.json``), with the
-    same crash safety: atomic files, no record for an incomplete slide, temporary files of a killed run removed.
+    """Segmentation-only heatmaps from Python, with the components ``baseline_segmentation.json`` declares: a
+    :class:`~monai_wsi_ext.inference.slides.SlideDataset` over the prepared slides of ``split``, the
+    :class:`SegmentationInferer`, strict loading of ``checkpoint`` (option ``seg_ckpt``), the
+    :class:`~monai_wsi_ext.outputs.handlers.HeatmapWriter` and the
+    :class:`~monai_wsi_ext.outputs.handlers.InferenceSummary` (``mode: segmentation``), run by the
+    :class:`~monai_wsi_ext.engines.evaluators.SlideEvaluator`. The outputs are those of
+    :class:`~monai_wsi_ext.inference.slides.SlideInference` (``<output_dir>/<id>/<id>_prob.npy``, ``_labels.npy``,
+    PNG/TIFF/GeoJSON/overlay and, last, ``_record.json``; ``inference_summary.json``), with the same crash safety:
+    atomic files, no record for an incomplete slide, temporary files of a killed run removed.
 
     Args:
         prepared_dir: output of ``prepare_dataset``.
@@ -253,72 +319,36 @@ class SegmentationPredictor:
                  split: str | Sequence[str] | None = "test", downsample: float = 8, roi_size: int = 128,
                  sw_batch_size: int = 4, overlap: float = 0.25, threshold: float = 0.5, device="auto",
                  backend: str = "auto", config: dict | None = None):
-        self.prepared_dir, self.output_dir = prepared_dir, Path(output_dir)
-        self.network, self.checkpoint, self.split = network, checkpoint, split
-        self.downsample, self.roi_size, self.sw_batch_size, self.overlap = downsample, int(roi_size), \
-            int(sw_batch_size), float(overlap)
-        self.threshold, self.backend, self.config = float(threshold), backend, config
-        if device is None or device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.output_dir, self.downsample = Path(output_dir), downsample
+        self.device = resolve_device(device)
+        self.network = network.to(self.device)
+        self.dataset_args = dict(prepared_dir=str(prepared_dir), split=split, reader=SlideReader(backend=backend))
+        self.inferer = SegmentationInferer(downsample, roi_size=roi_size, sw_batch_size=sw_batch_size,
+                                           overlap=overlap, backend=backend)
+        self.loader = StrictCheckpointLoader(checkpoint, self.network, "seg_ckpt")
+        self.writer = HeatmapWriter(output_dir, threshold, config=config, weights={"segmentation_unet": checkpoint},
+                                    backend=backend)
 
     def predict_image(self, image: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 image -> ``(H, W)`` float32 tumor probability."""
-        from monai.inferers import SlidingWindowInferer
-
-        inferer = SlidingWindowInferer(roi_size=(self.roi_size, self.roi_size), sw_batch_size=self.sw_batch_size,
-                                       overlap=self.overlap, mode="gaussian")
-        x = torch.from_numpy(np.ascontiguousarray(image).transpose(2, 0, 1).copy()).float()[None] / 255.0
-        with torch.inference_mode():
-            logits = inferer(x.to(self.device), self.network)
-        return torch.softmax(logits.float(), dim=1)[0, 1].cpu().numpy()
+        return self.inferer.predict_image(image, self.network)
 
     def run(self) -> dict:
         """Predict every slide of the split; a slide that fails is reported and the others go on.
 
+        The checkpoint is loaded first (what the config's ``StrictCheckpointLoader`` does when the run starts), so
+        a checkpoint that does not fit fails before any slide is listed or read.
+
+        Returns:
+            The summary (``mode``, ``slides``, ``failed``, ``output_dir``).
+
         Raises:
+            ConfigError: when the checkpoint does not fit the network, or there is no prepared slide in the split.
             MonaiWsiExtError: at the end, when any slide failed.
         """
-        from monai_wsi_ext.model.networks import load_checkpoint
-        from monai_wsi_ext.io.wsi import open_slide
-        from monai_wsi_ext.outputs.writers import write_slide_outputs
-
-        if self.checkpoint:
-            load_checkpoint(self.network, self.checkpoint, option="seg_ckpt")
-        self.network.to(self.device).eval()
-        slides = load_prepared_slides(self.prepared_dir, self.split)
-        if not slides:
-            raise MonaiWsiExtError(f"{self.prepared_dir}: no prepared slides for split {self.split!r}")
-        remove_stale_temporaries(self.output_dir)
-        results, failed = {}, {}
-        weights = {"segmentation_unet": self.checkpoint} if self.checkpoint else None
-        for meta in slides:
-            sid = meta.slide_id
-            try:
-                t0 = time.perf_counter()
-                grid = meta.grid
-                ppc = pixels_per_cell(grid.cell_size, self.downsample)
-                image = read_grid_image(meta, self.downsample, self.backend)
-                probs = cell_means(self.predict_image(image), ppc, grid.shape)
-                pgrid = np.full(grid.shape, np.nan, np.float32)
-                pgrid[grid.rows, grid.cols] = probs[grid.rows, grid.cols]
-                mpp = meta.reader_mpp
-                with open_slide(meta.image, backend=self.backend, mpp=mpp) as slide:
-                    thumb, thumb_ds = slide.thumbnail(max_size=2048)
-                out = write_slide_outputs(self.output_dir / sid, sid, pgrid, grid.cell_size,
-                                          meta.dimensions, meta.mpp, thumb, thumb_ds,
-                                          threshold=self.threshold, config=self.config, weights=weights,
-                                          labels=grid.label_grid())
-                results[sid] = {"slide_score": out["slide_score"], "status": out.get("status", "ok"),
-                                "n_patches": len(grid),
-                                "seconds": round(time.perf_counter() - t0, 2), "dir": str(self.output_dir / sid)}
-                logger.info("%s: segmentation-only heatmap, %d cells, %.1f s", sid, len(grid), results[sid]["seconds"])
-            except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:
-                failed[sid] = f"{type(e).__name__}: {e}"
-                logger.error("%s: segmentation-only prediction failed, skipped (%s)", sid, e)
-        summary = {"mode": "segmentation", "downsample": self.downsample, "slides": results, "failed": failed,
-                   "output_dir": str(self.output_dir)}
-        write_json_atomic(self.output_dir / "inference_summary.json", summary)
-        if failed:
-            raise MonaiWsiExtError(f"segmentation-only prediction failed for {len(failed)} slide(s): {failed}")
-        return summary
+        self.loader()
+        loader = DataLoader(SlideDataset(**self.dataset_args), batch_size=1, collate_fn=slide_collate, num_workers=0)
+        evaluator = SlideEvaluator(self.device, loader, network=self.network, inferer=self.inferer, on_failure="skip",
+                                   val_handlers=[self.writer, InferenceSummary(self.output_dir, "segmentation")])
+        evaluator.run()
+        return evaluator.state.summary

@@ -68,8 +68,10 @@ class SlideEvaluator(SupervisedEvaluator):
     The input of an iteration is a slide item (:func:`~monai_wsi_ext.data.patches.slide_item`); ``pred`` is the
     inferer's output. A slide that fails (unreadable, no patches, ...) is recorded in ``state.failed`` (slide id
     -> reason) and, with ``on_failure="skip"``, the run goes on with the next slide; a dataset item with an
-    ``error`` key (the slide could not even be prepared) is recorded the same way. The slide's patch source is
-    closed once its iteration and handlers are done.
+    ``error`` key (the slide could not even be prepared) is recorded the same way. An item with a ``skip`` reason
+    (set by the dataset, or by a handler on ``ITERATION_STARTED``: e.g. the feature writer for a slide whose
+    feature file is up to date) is not inferred: ``pred`` is None and ``skipped`` holds the reason. The slide's
+    patch source is closed once its iteration and handlers are done.
 
     Args:
         device: compute device.
@@ -111,6 +113,9 @@ class SlideEvaluator(SupervisedEvaluator):
         try:
             if item.get("error"):
                 raise MonaiWsiExtError(item["error"])
+            if item.get("skip"):
+                engine.state.output = {Keys.IMAGE: item, Keys.PRED: None, "skipped": item["skip"]}
+                return engine.state.output
             return super()._iteration(engine, item)
         except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:
             if self.on_failure == "raise":

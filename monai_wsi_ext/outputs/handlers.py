@@ -1,20 +1,26 @@
-"""Ignite handlers of slide inference: write each slide's heatmap outputs, then one summary for the run."""
+"""Ignite handlers of the slide evaluator's runs: write each slide's outputs (heatmaps, or feature files), then one
+summary for the run."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from ignite.engine import Engine, Events
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_wsi_ext.errors import MonaiWsiExtError
-from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic
+from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic, write_npz_atomic
 from monai_wsi_ext.model.predict import prob_grid
 from monai_wsi_ext.outputs.writers import write_slide_outputs
+from monai_wsi_ext.utils import file_sha256
 
-__all__ = ["HeatmapWriter", "InferenceSummary"]
+__all__ = ["HeatmapWriter", "InferenceSummary", "encoder_key", "FeatureWriter", "FeatureSummary"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +134,165 @@ class InferenceSummary:
             raise MonaiWsiExtError(f"inference failed for {len(failed)} slide(s): {failed}")
         if not results:
             raise MonaiWsiExtError("inference ran on no slide (no input slides, or none in the selected split)")
+
+
+def encoder_key(encoder: torch.nn.Module, checkpoint: str | None = None, transform_desc: dict | None = None) -> str:
+    """Identity of an encoder and its patch transform, part of each feature file's ``cache_key``: a hash of
+    ``transform_desc`` and of the checkpoint file (no checkpoint, or a missing file: of the encoder's weights).
+
+    Args:
+        encoder: the patch encoder.
+        checkpoint: its weights file.
+        transform_desc: the settings of the patch transform (``{"crop": crop_size, "stain": stain_normalize}``).
+    """
+    h = hashlib.sha256(json.dumps(transform_desc, sort_keys=True).encode())
+    sha = file_sha256(checkpoint)
+    if sha is not None:
+        h.update(sha.encode())
+    else:
+        for k, v in encoder.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _table_sha(prepared) -> str | None:
+    """SHA-256 of a prepared slide's patch table (``patches.csv``); for a slide prepared in memory, of its grid."""
+    if prepared.dir is not None:
+        return file_sha256(Path(prepared.dir) / "patches.csv")
+    grid = prepared.grid
+    h = hashlib.sha256(f"{grid.level}:{grid.patch_size}:{grid.cell_size}:{tuple(grid.shape)}".encode())
+    for a in (grid.x, grid.y, grid.rows, grid.cols, grid.labels):
+        h.update(np.ascontiguousarray(a, np.int64).tobytes())
+    return h.hexdigest()
+
+
+class FeatureWriter:
+    """Feature files of the feature extraction run (``extract_features.json``): after each slide, the encoder's
+    output of the slide inferer (:class:`~monai_wsi_ext.model.predict.CanvasInferer` in ``classifier`` mode:
+    ``features`` and ``head_probs``, else ``probs``) -> ``<output_dir>/<slide_id>.npz`` with ``features`` (N, C),
+    ``probs`` (the encoder head's tumor probability per patch), ``rows``, ``cols``, ``labels``, ``grid_shape``,
+    ``cell_size``, ``split``, ``slide_id``, ``image``, ``mpp``, ``dimensions`` and ``cache_key``.
+
+    A slide is not recomputed when its feature file holds the same ``cache_key`` (a hash of the patch table, the
+    encoder checkpoint and the transform, see :func:`encoder_key`): before its iteration the item gets
+    ``skip="unchanged"`` and the :class:`~monai_wsi_ext.engines.evaluators.SlideEvaluator` does not infer it
+    (``overwrite`` recomputes every slide). ``engine.state.results`` collects the written slides,
+    ``engine.state.skipped`` the unchanged ones.
+
+    Each file is written atomically (:func:`~monai_wsi_ext.io.atomic.write_npz_atomic`): a kill or a full disk
+    never leaves a truncated ``.npz`` under its name, a write error fails the slide naming the path (``No space
+    left on device: could not write <path>``, in ``engine.state.failed``), and the temporary files a killed run
+    left in ``output_dir`` are removed when the run starts.
+
+    Args:
+        output_dir: the feature folder.
+        encoder: the patch encoder (its weights are hashed when there is no ``checkpoint``).
+        checkpoint: the encoder's weights file (hashed into the cache key).
+        transform_desc: the patch transform's settings hashed into the cache key (``{"crop": crop_size,
+            "stain": stain_normalize}`` for the eval transform).
+        overwrite: recompute every slide.
+    """
+
+    def __init__(self, output_dir: str, encoder: torch.nn.Module, checkpoint: str | None = None,
+                 transform_desc: dict | None = None, overwrite: bool = False):
+        self.output_dir, self.encoder, self.checkpoint = Path(output_dir), encoder, checkpoint
+        self.transform_desc, self.overwrite = dict(transform_desc or {}), bool(overwrite)
+        self._key: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        remove_stale_temporaries(self.output_dir)
+        self._key = encoder_key(self.encoder, self.checkpoint, self.transform_desc)
+        for name, empty in (("results", dict), ("failed", dict), ("skipped", list)):
+            if not hasattr(engine.state, name):
+                setattr(engine.state, name, empty())
+
+    def cache_key(self, prepared) -> str:
+        """The ``cache_key`` of a prepared slide's feature file with this encoder and transform."""
+        if self._key is None:
+            self._key = encoder_key(self.encoder, self.checkpoint, self.transform_desc)
+        return hashlib.sha256(f"{self._key}:{_table_sha(prepared)}".encode()).hexdigest()
+
+    @staticmethod
+    def _holds(path: Path, cache_key: str) -> bool:
+        if not path.exists():
+            return False
+        try:
+            with np.load(path) as old:
+                return str(old["cache_key"]) == cache_key
+        except Exception:  # noqa: BLE001 - an unreadable feature file is recomputed
+            return False
+
+    def _iteration_started(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
+        item = _item(engine)
+        if not isinstance(item, dict) or item.get("error") or item.get("prepared") is None:
+            return
+        sid = item["slide_id"]
+        try:
+            item["cache_key"] = self.cache_key(item["prepared"])
+        except OSError as e:  # the patch table cannot be read: the slide fails, the run goes on
+            item["error"] = f"{type(e).__name__}: {e}"
+            return
+        if not self.overwrite and self._holds(self.output_dir / f"{sid}.npz", item["cache_key"]):
+            item["skip"] = "unchanged"
+            engine.state.skipped.append(sid)
+            logger.info("%s: feature file unchanged, not recomputed", sid)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        if out is None or out.get(Keys.PRED) is None:
+            return  # failed or unchanged slide, already recorded
+        item = _item(engine)
+        prepared, sid, pred = item["prepared"], item["slide_id"], out[Keys.PRED]
+        path = self.output_dir / f"{sid}.npz"
+        probs = pred.get("head_probs")
+        try:
+            grid = prepared.grid
+            cache_key = item.get("cache_key") or self.cache_key(prepared)
+            write_npz_atomic(path, features=pred["features"], probs=pred["probs"] if probs is None else probs,
+                             rows=grid.rows, cols=grid.cols, labels=grid.labels, grid_shape=np.asarray(grid.shape),
+                             cell_size=np.float64(grid.cell_size), split=np.str_(prepared.split),
+                             slide_id=np.str_(sid), image=np.str_(prepared.image),
+                             mpp=np.float64(prepared.mpp or np.nan), dimensions=np.asarray(prepared.dimensions),
+                             cache_key=np.str_(cache_key))
+        except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:
+            engine.state.failed[sid] = f"{type(e).__name__}: {e}"
+            logger.error("%s: writing the feature file failed (%s)", sid, e)
+            return
+        seconds = round(time.perf_counter() - getattr(self, "_t0", time.perf_counter()), 2)
+        engine.state.results[sid] = {"file": str(path), "n_patches": len(grid), "seconds": seconds}
+        logger.info("%s: %d patches encoded in %.1f s", sid, len(grid), seconds)
+
+
+class FeatureSummary:
+    """At the end of the feature extraction run: ``<output_dir>/features_summary.json`` (``done``, ``skipped``,
+    ``failed`` slide id -> reason, ``output_dir``); raises when any slide failed, so ``python -m monai.bundle run``
+    exits non-zero.
+
+    Args:
+        output_dir: the feature folder.
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = Path(output_dir)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        failed = dict(getattr(engine.state, "failed", {}))
+        summary = {"done": list(getattr(engine.state, "results", {})),
+                   "skipped": list(getattr(engine.state, "skipped", [])), "failed": failed,
+                   "output_dir": str(self.output_dir)}
+        write_json_atomic(self.output_dir / "features_summary.json", summary)
+        engine.state.summary = summary
+        logger.info("features: %d computed, %d unchanged, %d failed", len(summary["done"]), len(summary["skipped"]),
+                    len(failed))
+        if failed:
+            raise MonaiWsiExtError(f"feature extraction failed for {sorted(failed)}: {failed}")
