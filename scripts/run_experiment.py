@@ -5,11 +5,24 @@ Example:
     python scripts/run_experiment.py run                      # the default (configs/experiments/paper_comparison.json)
     python scripts/run_experiment.py run --quick              # smoke-test size (configs/experiments/quick.json)
     python scripts/run_experiment.py run --seeds "[0,1]" --n_train 4 --encoder_epochs 2 --tumor_points 8
+    python scripts/run_experiment.py run --preset cross_family --output_dir /tmp/xfam --threads 1   # cross-family
 
 Every training and inference stage is the bundle's own config run through ``monai.bundle.run`` (the commands of
 ``bundle/docs/paper_comparison.md``), with the sizes of the experiment preset as overrides; the script only chains them,
 then writes ``results.json``, ``results.md`` (mean ± sd over seeds) and ``figure.png`` (per test slide: the slide,
 its ground-truth map and every method's map, as the paper's Figure 5).
+
+Cross-family (issue 11): ``data.family`` is the training family (``synthetic``, ``texture`` or ``cells`` of
+``monai_wsi_ext.testing.families``; default ``synthetic``), ``test_families`` the families whose test split every
+trained method predicts (default: only the training family, the behaviour above), ``family_kwargs`` per-family
+generator settings and ``data.read_mpp`` the common read resolution (every family is prepared with
+``PrepareConfig.target_mpp = read_mpp``, so the grid cell is the same µm on every family; checked). A test
+family other than the training one gets ``data_<family>/``, ``prepared_<family>/`` (test split only) and
+``seed_<s>/heatmaps_<family>/<method>/`` (evaluated with ``evaluate.json`` against that family's truth); the
+pooled cross-family metrics (all those slides, patches pooled) go to
+``seed_<s>/pooled_cross_family/<method>/metrics_overall.json``; ``results.md`` then has the in-family, pooled
+cross-family and per-family tables with the method-minus-classifier differences (helpers in
+``monai_wsi_ext/testing/cross_family.py``; see ``bundle/docs/cross_family.md``).
 """
 
 from __future__ import annotations
@@ -85,6 +98,29 @@ def _subset_prepared(prepared: Path, dest: Path, n_train: int) -> Path:
     return dest
 
 
+def _predict_dir_overrides(configs: list[str], folder: str, skip: tuple[str, ...] = ("train", "validate")) -> dict:
+    """``{id: folder}`` for every entry ``"@dataset_dir"`` of ``configs`` outside the ``skip`` sections: the
+    segmentation baseline's predictor reads another family's prepared folder while its trainer (built, not run)
+    keeps the training family's."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, path: list[str]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + [str(k)])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + [str(i)])
+        elif node == "@dataset_dir" and path and path[0] not in skip:
+            out["#".join(path)] = folder
+
+    for name in configs:
+        walk(json.loads((CONFIGS / name).read_text()), [])
+    if not out:
+        raise SystemExit(f"error: no '@dataset_dir' entry to redirect in {configs} (outside {list(skip)})")
+    return out
+
+
 def _merge(preset: dict, overrides: dict) -> dict:
     cfg = copy.deepcopy(preset)
     data, gen = cfg.setdefault("data", {}), cfg.setdefault("data", {}).setdefault("generator", {})
@@ -95,6 +131,24 @@ def _merge(preset: dict, overrides: dict) -> dict:
         if overrides.get(key) is not None:
             gen[key] = overrides[key]
     gen.update(overrides.get("generator") or {})
+    if overrides.get("family") is not None:
+        data["family"] = str(overrides["family"])
+    if overrides.get("read_mpp") is not None:
+        data["read_mpp"] = float(overrides["read_mpp"])
+    if overrides.get("test_families") is not None:
+        fams = overrides["test_families"]
+        cfg["test_families"] = [f.strip() for f in fams.split(",")] if isinstance(fams, str) else list(fams)
+    from monai_wsi_ext.testing.families import FAMILIES
+
+    data.setdefault("family", "synthetic")
+    # the training family's own test split is always predicted and reported (the in-family table)
+    cfg["test_families"] = list(dict.fromkeys([data["family"], *(cfg.get("test_families") or [])]))
+    unknown = sorted({data["family"], *cfg["test_families"]} - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"error: unknown slide family/families {unknown}; choose from {list(FAMILIES)}")
+    cfg.setdefault("family_kwargs", {})
+    if cfg["test_families"] != [data["family"]] and data.get("read_mpp") is None:
+        data["read_mpp"] = 0.5  # one physical cell size on every family (64 px at 0.5 µm/px = 32 µm)
     if overrides.get("seeds") is not None:
         seeds = overrides["seeds"]
         cfg["seeds"] = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
@@ -117,8 +171,12 @@ def _merge(preset: dict, overrides: dict) -> dict:
     return cfg
 
 
-def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, timings: dict) -> dict[str, Path]:
-    """Train and predict every method for one seed; returns method -> heatmap folder."""
+def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, timings: dict,
+              others: dict[str, tuple[Path, Path]] | None = None) -> dict[str, dict[str, Path]]:
+    """Train and predict every method for one seed, on the training family's test split and on the test split of
+    every family in ``others`` (family -> (prepared folder, truth manifest)), with the same weights; evaluate
+    each heatmap folder against its family's truth. Returns family -> method -> heatmap folder (the training
+    family under ``cfg["data"]["family"]``)."""
     sd = root / f"seed_{seed}"
     hm = sd / "heatmaps"
     b = cfg["bundle"]
@@ -128,6 +186,8 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
               "patch_size": int(cfg["data"]["patch_size"])}
     methods = cfg["methods"]
     out: dict[str, Path] = {}
+    # method -> (configs, overrides) of its prediction on the test split of the prepared folder `dataset_dir`
+    predict: dict[str, tuple[list[str], dict[str, Any]]] = {}
 
     def stage(name: str, configs: list[str], **kw: Any) -> None:
         t = time.perf_counter()
@@ -139,8 +199,8 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
         e = cfg["encoder"]
         stage("train encoder", ["train_encoder.json"], max_epochs=int(e["max_epochs"]), batch_size=int(e["batch_size"]),
               learning_rate=float(e["learning_rate"]), samples_per_epoch=e.get("samples_per_epoch"))
-        stage("classifier-only heatmaps", ["inference.json", "baseline_classifier.json"],
-              heatmap_dir=str(hm / "classifier"))
+        predict["classifier"] = (["inference.json", "baseline_classifier.json"], {})
+        stage("classifier-only heatmaps", predict["classifier"][0], heatmap_dir=str(hm / "classifier"))
         out["classifier"] = hm / "classifier"
     if {"separate", "e2e"} & set(methods):
         c = cfg["canvas"]
@@ -148,7 +208,8 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
         stage("train canvas U-Net", ["train_canvas.json"], max_epochs=int(c["max_epochs"]),
               batch_size=int(c["batch_size"]), samples_per_slide=int(c["samples_per_slide"]),
               learning_rate=float(c["learning_rate"]))
-        stage("separate heatmaps", ["inference.json"], mode="canvas", heatmap_dir=str(hm / "separate"))
+        predict["separate"] = (["inference.json"], {"mode": "canvas"})
+        stage("separate heatmaps", predict["separate"][0], heatmap_dir=str(hm / "separate"), **predict["separate"][1])
         out["separate"] = hm / "separate"
     if "frozen" in methods:
         c, f = cfg["canvas"], cfg.get("frozen", {})
@@ -158,15 +219,18 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
         stage("frozen: train canvas U-Net", ["train_canvas.json", "baseline_frozen_features.json"],
               max_epochs=int(c["max_epochs"]), batch_size=int(c["batch_size"]),
               samples_per_slide=int(c["samples_per_slide"]), learning_rate=float(c["learning_rate"]), **frozen)
-        stage("frozen heatmaps", ["inference.json", "baseline_frozen_features.json"], mode="canvas",
-              heatmap_dir=str(hm / "frozen"), **frozen)
+        predict["frozen"] = (["inference.json", "baseline_frozen_features.json"], {"mode": "canvas", **frozen})
+        stage("frozen heatmaps", predict["frozen"][0], heatmap_dir=str(hm / "frozen"), **predict["frozen"][1])
         out["frozen"] = hm / "frozen"
     if "segmentation" in methods:
         s = cfg["segmentation"]
-        stage("segmentation only: train + predict", ["baseline_segmentation.json"], ckpt_dir=str(sd / "models_seg"),
+        seg = {"ckpt_dir": str(sd / "models_seg"), "seg_downsample": s["seg_downsample"],
+               "seg_crop_size": int(s["seg_crop_size"])}
+        stage("segmentation only: train + predict", ["baseline_segmentation.json"],
               heatmap_dir=str(hm / "segmentation"), max_epochs=int(s["max_epochs"]), batch_size=int(s["batch_size"]),
-              samples_per_slide=int(s["samples_per_slide"]), learning_rate=float(s["learning_rate"]),
-              seg_downsample=s["seg_downsample"], seg_crop_size=int(s["seg_crop_size"]))
+              samples_per_slide=int(s["samples_per_slide"]), learning_rate=float(s["learning_rate"]), **seg)
+        # predict only (the trainer is built on the training family's folder but not run)
+        predict["segmentation"] = (["baseline_segmentation.json", "baseline_segmentation_predict.json"], seg)
         out["segmentation"] = hm / "segmentation"
     if "e2e" in methods:
         e2e = cfg["e2e"]
@@ -175,15 +239,32 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
               encoder_lr=float(e2e["encoder_lr"]), unet_lr=float(e2e["unet_lr"]), chunk_size=int(e2e["chunk_size"]),
               subset_size=e2e.get("subset_size"))
         models = sd / "models"
-        stage("end-to-end heatmaps", ["inference.json"], mode="canvas", heatmap_dir=str(hm / "e2e"),
-              encoder_ckpt=str(models / "encoder_e2e.pt"), unet_ckpt=str(models / "unet_e2e.pt"))
+        predict["e2e"] = (["inference.json"], {"mode": "canvas", "encoder_ckpt": str(models / "encoder_e2e.pt"),
+                                               "unet_ckpt": str(models / "unet_e2e.pt")})
+        stage("end-to-end heatmaps", predict["e2e"][0], heatmap_dir=str(hm / "e2e"), **predict["e2e"][1])
         out["e2e"] = hm / "e2e"
     out = {m: out[m] for m in METHODS if m in out and m in methods}
-    for method, folder in out.items():
-        t = time.perf_counter()
-        _bundle(["evaluate.json"], heatmap_dir=str(folder), truth_dir=str(truth), output_dir=str(sd / "bundle"))
-        timings[f"seed {seed}: evaluate {method}"] = round(time.perf_counter() - t, 1)
-    return out
+    train_family = cfg["data"]["family"]
+    result: dict[str, dict[str, Path]] = {train_family: out}
+    for family, (fam_prepared, _) in (others or {}).items():
+        folders = {}
+        for method in out:
+            configs, kw = predict[method]
+            folder = sd / f"heatmaps_{family}" / method
+            where = (_predict_dir_overrides(configs, str(fam_prepared)) if method == "segmentation"
+                     else {"dataset_dir": str(fam_prepared)})
+            stage(f"{method} heatmaps on {family}", configs, heatmap_dir=str(folder), **kw, **where)
+            folders[method] = folder
+        result[family] = folders
+    truths = {train_family: truth, **{f: t for f, (_, t) in (others or {}).items()}}
+    for family, folders in result.items():
+        for method, folder in folders.items():
+            t = time.perf_counter()
+            _bundle(["evaluate.json"], heatmap_dir=str(folder), truth_dir=str(truths[family]),
+                    output_dir=str(sd / "bundle"))
+            name = f"evaluate {method}" if family == train_family else f"evaluate {method} on {family}"
+            timings[f"seed {seed}: {name}"] = round(time.perf_counter() - t, 1)
+    return result
 
 
 def run(output_dir: str = "experiment_output", preset: str = "paper_comparison", quick: bool = False,
@@ -193,7 +274,8 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
         generator: dict | None = None, encoder_epochs: int | None = None, canvas_epochs: int | None = None,
         seg_epochs: int | None = None, e2e_epochs: int | None = None, e2e_slides: int | None = None,
         pretrained_path: str | None = None, threads: int | None = None, figure: str | None = None,
-        table: str | None = None, max_figure_slides: int = 3, log_level: str = "INFO") -> dict:
+        table: str | None = None, max_figure_slides: int = 3, log_level: str = "INFO", family: str | None = None,
+        test_families: Any = None, read_mpp: float | None = None) -> dict:
     """Generate the benchmark, train and evaluate every method for every seed, write the table and the figure.
 
     Args:
@@ -222,17 +304,22 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
         table: also copy the Markdown table to this path.
         max_figure_slides: test slides shown in the figure.
         log_level: logging level.
+        family: training slide family (``synthetic``, ``texture``, ``cells``; preset ``data.family``).
+        test_families: families whose test split every method predicts, e.g. ``"synthetic,texture,cells"``
+            (preset ``test_families``; the training family is always included).
+        read_mpp: common read resolution in µm/px (preset ``data.read_mpp``; 0.5 when testing on other families).
 
     Returns:
-        The results (also in ``results.json``).
+        The results (also in ``results.json``; with other test families also ``families``, the per-family
+        summaries, and ``cross_family``, the pooled one).
     """
     import numpy as np
     import torch
 
     from monai_wsi_ext.evaluation.report import comparison_figure, markdown_table, summarize_runs
-
-    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
-    from monai_wsi_ext.testing.synthetic import generate_dataset
+    from monai_wsi_ext.io.atomic import write_json_atomic
+    from monai_wsi_ext.testing import cross_family as xf
+    from monai_wsi_ext.utils import json_clean
 
     logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -240,7 +327,8 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
                      data_seed=data_seed, tumor_points=tumor_points,
                      normal_looking_tumor_fraction=normal_looking_tumor_fraction, generator=generator,
                      encoder_epochs=encoder_epochs, canvas_epochs=canvas_epochs, seg_epochs=seg_epochs,
-                     e2e_epochs=e2e_epochs, e2e_slides=e2e_slides, pretrained_path=pretrained_path)
+                     e2e_epochs=e2e_epochs, e2e_slides=e2e_slides, pretrained_path=pretrained_path, family=family,
+                     test_families=test_families, read_mpp=read_mpp)
     preset_name = "quick" if quick else preset
     cfg = _merge(load_preset(preset_name), overrides)
     n_threads = _choose_threads(threads)
@@ -250,47 +338,88 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     d = cfg["data"]
-    logger.info("experiment %r: %d/%d/%d slides of %d px, seeds %s, methods %s, %d torch thread(s)", preset_name,
-                d["n_train"], d["n_val"], d["n_test"], d["size"], cfg["seeds"], cfg["methods"], n_threads)
-    manifest = generate_dataset(root / "data", n_train=d["n_train"], n_val=d["n_val"], n_test=d["n_test"],
-                                seed=d["data_seed"], width=d["size"], height=d["size"], patch_size=d["patch_size"],
-                                **d.get("generator", {}))
+    train_family, test_families = d["family"], cfg["test_families"]
+    crossed = test_families != [train_family]
+    logger.info("experiment %r: %d/%d/%d %s slides of %d px, seeds %s, methods %s, test families %s, "
+                "%d torch thread(s)", preset_name, d["n_train"], d["n_val"], d["n_test"], train_family, d["size"],
+                cfg["seeds"], cfg["methods"], test_families, n_threads)
+    manifests = {train_family: xf.generate_family(root / "data", train_family, d,
+                                                  cfg["family_kwargs"].get(train_family), training=True)}
+    prepared = {train_family: root / "prepared"}
+    for fam in test_families:
+        if fam != train_family:
+            manifests[fam] = xf.generate_family(root / f"data_{fam}", fam, d, cfg["family_kwargs"].get(fam))
+            prepared[fam] = root / f"prepared_{fam}"
     timings["generate slides"] = round(time.perf_counter() - t0, 1)
     t = time.perf_counter()
-    summary = prepare_dataset(collect_inputs(manifest=manifest), root / "prepared",
-                              PrepareConfig(patch_size=d["patch_size"], thumbnail_max_size=1024), progress=False)
-    if summary["failed"]:
-        raise SystemExit(f"error: preparation failed for {summary['failed']}")
+    for fam in test_families:
+        xf.prepare_family(manifests[fam], prepared[fam], d)
+    cell_um = xf.check_cell_size(prepared) if crossed or d.get("read_mpp") is not None else None
     timings["prepare"] = round(time.perf_counter() - t, 1)
-    heatmaps: dict[int, dict[str, Path]] = {}
+    others = {f: (prepared[f], manifests[f]) for f in test_families if f != train_family}
+    heatmaps: dict[int, dict[str, dict[str, Path]]] = {}
     for seed in cfg["seeds"]:
-        heatmaps[int(seed)] = _run_seed(cfg, int(seed), root, root / "prepared", manifest, timings)
-    per_seed = {seed: {m: json.loads((p / "metrics_overall.json").read_text()) for m, p in hm.items()}
-                for seed, hm in heatmaps.items()}
+        heatmaps[int(seed)] = _run_seed(cfg, int(seed), root, prepared[train_family], manifests[train_family],
+                                        timings, others)
+    per_family = {fam: {seed: {m: json.loads((p / "metrics_overall.json").read_text()) for m, p in hm[fam].items()}
+                        for seed, hm in heatmaps.items()} for fam in test_families}
+    per_seed = per_family[train_family]
     summary_rows = summarize_runs(per_seed, cfg["methods"])
+    cross = None
+    if others:
+        cross_per_seed = {}
+        for seed, hm in heatmaps.items():
+            cross_per_seed[seed] = {}
+            for method in hm[train_family]:
+                pooled = xf.pooled_metrics({f: hm[f][method] for f in others})
+                write_json_atomic(root / f"seed_{seed}" / "pooled_cross_family" / method / "metrics_overall.json",
+                                  pooled)
+                cross_per_seed[seed][method] = pooled
+        cross = {"families": list(others), **xf.family_table(cross_per_seed, cfg["methods"]),
+                 "per_seed": cross_per_seed}
+    families_out = {fam: {**xf.family_table(per_family[fam], cfg["methods"]), "per_seed": per_family[fam]}
+                    for fam in test_families}
     total = time.perf_counter() - t0
     command = "python scripts/run_experiment.py run " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else ""
     pretrained = cfg.get("frozen", {}).get("pretrained_path")
     frozen_desc = f"backbone weights {pretrained}" if pretrained else "seeded random encoder"
-    caption = (f"{d['n_test']} test slides ({d['n_train']} training, {d['n_val']} validation; {d['size']} px, "
-               f"{d['patch_size']} px patches; generator {json.dumps(d.get('generator', {}), sort_keys=True)}), "
-               f"seeds {cfg['seeds']}; mean ± sd over seeds; frozen features: {frozen_desc}; end-to-end: "
-               f"{cfg['e2e']['max_epochs']} epoch(s) on {cfg['e2e']['n_slides']} training slide(s); "
-               f"{total / 60:.0f} min on {os.cpu_count()} CPU core(s), {n_threads} torch thread(s).")
-    md = markdown_table(summary_rows, caption=caption)
+    if crossed:
+        kws = {f: xf.family_generator_kwargs(f, d, cfg["family_kwargs"].get(f), f == train_family)
+               for f in test_families}
+        caption = (f"Trained on `{train_family}` ({d['n_train']} training, {d['n_val']} validation slides), "
+                   f"{d['n_test']} test slides per family; {d['size']} px slides at the read resolution "
+                   f"{d['read_mpp']} µm/px, {d['patch_size']} px cells = {cell_um:.1f} µm on every family; "
+                   f"generator settings {json.dumps(kws, sort_keys=True)}; seeds {cfg['seeds']}; methods "
+                   f"{cfg['methods']}; {total / 60:.0f} min on {os.cpu_count()} CPU core(s), {n_threads} torch "
+                   "thread(s).")
+        md = xf.results_markdown(train_family, test_families, families_out, cross, caption)
+    else:
+        caption = (f"{d['n_test']} test slides ({d['n_train']} training, {d['n_val']} validation; {d['size']} px, "
+                   f"{d['patch_size']} px patches; generator {json.dumps(d.get('generator', {}), sort_keys=True)}), "
+                   f"seeds {cfg['seeds']}; mean ± sd over seeds; frozen features: {frozen_desc}; end-to-end: "
+                   f"{cfg['e2e']['max_epochs']} epoch(s) on {cfg['e2e']['n_slides']} training slide(s); "
+                   f"{total / 60:.0f} min on {os.cpu_count()} CPU core(s), {n_threads} torch thread(s).")
+        md = markdown_table(summary_rows, caption=caption)
     (root / "results.md").write_text(md)
     first = int(cfg["seeds"][0])
-    fig = comparison_figure(heatmaps[first], root / "figure.png", prepared_dir=root / "prepared",
+    fig = comparison_figure(heatmaps[first][train_family], root / "figure.png", prepared_dir=prepared[train_family],
                             max_slides=max_figure_slides)
+    family_figures = {fam: str(comparison_figure(heatmaps[first][fam], root / f"figure_{fam}.png",
+                                                 prepared_dir=prepared[fam], max_slides=max_figure_slides))
+                      for fam in others}
     results = {"preset": preset_name, "config": cfg, "command": command, "threads": n_threads,
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                            "torch": torch.__version__, "numpy": np.__version__},
                "summary": summary_rows, "per_seed": {str(k): v for k, v in per_seed.items()},
+               "train_family": train_family, "test_families": test_families, "cell_um": cell_um,
+               "families": {f: {"summary": v["summary"], "differences": v["differences"],
+                                "per_seed": {str(k): r for k, r in v["per_seed"].items()}}
+                            for f, v in families_out.items()},
+               "cross_family": None if cross is None else {
+                   "families": cross["families"], "summary": cross["summary"], "differences": cross["differences"],
+                   "per_seed": {str(k): r for k, r in cross["per_seed"].items()}},
                "timings_s": timings, "total_s": round(total, 1), "table_md": str(root / "results.md"),
-               "figure": str(fig)}
-    from monai_wsi_ext.utils import json_clean
-    from monai_wsi_ext.io.atomic import write_json_atomic
-
+               "figure": str(fig), "family_figures": family_figures}
     write_json_atomic(root / "results.json", json_clean(results))
     if figure:
         Path(figure).parent.mkdir(parents=True, exist_ok=True)
