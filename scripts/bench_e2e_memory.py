@@ -10,8 +10,9 @@ For each number of patches N, two measurements run, each in its own subprocess s
   graph of all N kept), scattered onto the canvas, the U-Net, the loss, one ``backward()``.
 
 Both use a real GoogLeNet :class:`~monai_wsi_ext.model.networks.PatchEncoder` (eval mode, as the end-to-end step requires)
-and the MONAI UNet of :func:`~monai_wsi_ext.model.networks.make_unet`, the same initial weights, the same pixels and
-augmentation seeds; their losses and gradient norms are reported so that one can check both computed the same thing.
+and the bundle's MONAI UNet (``common.json#unet_def``, :func:`canvas_unet`), the same initial weights, the same
+pixels and augmentation seeds; their losses and gradient norms are reported so that one can check both computed the
+same thing.
 The N patches are laid out row by row on a square canvas of side ``ceil(sqrt(N))`` rounded up to a multiple of 16.
 They are the first N tissue cells of one generated slide; when the slide has fewer cells they repeat (the table says
 how many are distinct). An idle child (imports, models, slide opened, one warm-up chunk, no step) gives the baseline.
@@ -64,10 +65,22 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 from monai_wsi_ext.io.atomic import write_json_atomic  # noqa: E402
+from monai_wsi_ext.utils import setup_logging  # noqa: E402
 from monai_wsi_ext.testing.bench import cached_synthetic_slide, replace_section  # noqa: E402
 
-__all__ = ["MARKER", "CountingLoader", "measure", "child", "run_child", "benchmark", "table", "summary_lines",
-           "markdown", "replace_section", "run"]
+__all__ = ["MARKER", "UNET_CONFIG", "canvas_unet", "CountingLoader", "measure", "child", "run_child", "benchmark",
+           "table", "summary_lines", "markdown", "replace_section", "run"]
+
+UNET_CONFIG = REPO_ROOT / "bundle" / "configs" / "common.json"
+"""The bundle config that defines the canvas U-Net (``unet_def``): the benchmarks measure the bundle's U-Net."""
+
+
+def canvas_unet(feature_dim: int):
+    """The bundle's canvas U-Net (``common.json#unet_def``) for a ``feature_dim``-channel canvas."""
+    from monai_wsi_ext.model.networks import bundle_unet
+
+    return bundle_unet(UNET_CONFIG, feature_dim=int(feature_dim))
+
 
 logger = logging.getLogger("bench_e2e_memory")
 
@@ -220,7 +233,8 @@ def measure(spec: dict) -> dict:
     from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform
     from monai_wsi_ext.prep.prepare import load_prepared_slides
     from monai_wsi_ext.engines.e2e import draw_seeds, e2e_step
-    from monai_wsi_ext.model.networks import PatchEncoder, canvas_loss, make_unet
+    from monai_wsi_ext.labels import LABEL_NORMAL
+    from monai_wsi_ext.model.networks import PatchEncoder, canvas_loss
 
     if not spec.get("heap_trim", True):  # A/B run: the reader path without its heap trim (see data.py)
         import monai_wsi_ext.data.patches as data_module
@@ -246,14 +260,14 @@ def measure(spec: dict) -> dict:
     rows = torch.arange(n) // side
     cols = torch.arange(n) % side
     labels = torch.from_numpy(grid.labels[cells].astype(np.int64))
-    labels[labels < 0] = 0  # every placed patch counts in the loss
+    labels[labels < 0] = LABEL_NORMAL  # every placed patch counts in the loss
     layouts = plan_canvases(rows, cols, canvas_size)
 
     torch.manual_seed(int(spec.get("seed", 0)))
     encoder = PatchEncoder("googlenet").to(dev)
     if spec.get("channels_last", True):
         encoder.to(memory_format=torch.channels_last)
-    unet = make_unet(feature_dim=encoder.feature_dim).to(dev).train()
+    unet = canvas_unet(encoder.feature_dim).to(dev).train()
     loss_fn = canvas_loss()
     seeds = draw_seeds(n, torch.Generator().manual_seed(int(spec.get("seed", 0)) + 1))
 
@@ -587,8 +601,8 @@ def markdown(res: dict, command: str) -> str:
     out += ["", f"One generated {res['slide_size']} x {res['slide_size']} px slide ({cell_note}); the first N cells "
             "are used and repeat when N exceeds the slide's cells (column \"distinct cells\"); slide reader: "
             f"{', '.join(readers) or '?'}. GoogLeNet "
-            "`PatchEncoder` (eval mode, channels_last) + MONAI UNet (`make_unet`, channels 32-256) on a square canvas "
-            "of side ceil(sqrt(N)) rounded up to 16, the paper's augmentation replayed from per-patch seeds, "
+            "`PatchEncoder` (eval mode, channels_last) + the bundle's MONAI UNet (`common.json#unet_def`) on a square "
+            "canvas of side ceil(sqrt(N)) rounded up to 16, the paper's augmentation replayed from per-patch seeds, "
             f"chunk size {res['chunk_size']}. Each value is one step in its own subprocess; peak RSS is that "
             "process's `ru_maxrss` (it includes the ~1 GB of the torch import: see the idle row, a child that "
             "imports, builds the models, opens the slide and runs one warm-up chunk through encoder and U-Net with "
@@ -633,7 +647,7 @@ def run(quick: bool = False, sizes: Sequence[int] = (1000, 4000, 16000), patch_s
         write_md: Markdown file to insert/replace this benchmark's section in (e.g. ``BENCHMARKS.md``).
         output_json: also write the raw results here.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    setup_logging("INFO")
     res = benchmark(quick, _ints(sizes), patch_size, _ints(sizes_224), chunk_size,
                     cap_gb, threads, slide_size, n_lumps, seed, device, work_dir, backend, skip_naive, timeout_s,
                     inprocess, heap_trim)

@@ -55,10 +55,13 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 from monai_wsi_ext.io.atomic import write_json_atomic  # noqa: E402
+from monai_wsi_ext.utils import setup_logging  # noqa: E402
 from monai_wsi_ext.testing.bench import cached_synthetic_slide, replace_section  # noqa: E402
 
 __all__ = [
     "MARKER",
+    "UNET_CONFIG",
+    "canvas_unet",
     "encoder_rates",
     "encoder_table",
     "slide_benchmark",
@@ -68,6 +71,17 @@ __all__ = [
     "markdown",
     "run",
 ]
+
+UNET_CONFIG = REPO_ROOT / "bundle" / "configs" / "common.json"
+"""The bundle config that defines the canvas U-Net (``unet_def``): the benchmarks measure the bundle's U-Net."""
+
+
+def canvas_unet(feature_dim: int):
+    """The bundle's canvas U-Net (``common.json#unet_def``) for a ``feature_dim``-channel canvas."""
+    from monai_wsi_ext.model.networks import bundle_unet
+
+    return bundle_unet(UNET_CONFIG, feature_dim=int(feature_dim))
+
 
 logger = logging.getLogger("bench_inference")
 
@@ -243,7 +257,7 @@ def slide_benchmark(
     """
     from monai_wsi_ext.data.patches import SlidePatchSource, make_patch_transform
     from monai_wsi_ext.prep.prepare import load_prepared_slides
-    from monai_wsi_ext.model.networks import PatchEncoder, make_unet
+    from monai_wsi_ext.model.networks import PatchEncoder
     from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, prepare_dataset
     from monai_wsi_ext.inference.slides import SlideInference
 
@@ -262,7 +276,7 @@ def slide_benchmark(
 
     torch.manual_seed(0)
     encoder = PatchEncoder(backbone).eval()
-    unet = make_unet(feature_dim=encoder.feature_dim).eval()
+    unet = canvas_unet(encoder.feature_dim).eval()
     transform = make_patch_transform(False, crop_size)
     source = SlidePatchSource.from_prepared(meta, transform, backend)
     patches = source.load(np.arange(n))  # in memory for the encoder-only path (loading not timed)
@@ -408,7 +422,7 @@ def run(quick: bool = False, densenet: bool = False, batch_sizes: Sequence[int] 
         write_md: Markdown file to insert/replace this benchmark's section in (e.g. ``BENCHMARKS.md``).
         output_json: also write the raw results here.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    setup_logging("INFO")
     sizes = (int(batch_sizes),) if isinstance(batch_sizes, (int, float, str)) else tuple(int(b) for b in batch_sizes)
     res = benchmark(quick, densenet, sizes, image_size, patches_per_cell, repeats,
                     threads, skip_encoder, skip_slide, slide_size, patch_size, crop_size, work_dir, backend)

@@ -205,8 +205,9 @@ def main(
             results, the command, the machine and the date.
         log_level: logging level.
     """
-    logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    from monai_wsi_ext.utils import setup_logging
+
+    setup_logging(log_level)
     from monai_wsi_ext.prep.grid import read_patch_table
     from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, prepare_slide
     from monai_wsi_ext.io.wsi import open_slide

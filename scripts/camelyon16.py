@@ -140,9 +140,9 @@ def prepare(manifest: str = "camelyon16/manifest.json", output_dir: str | None =
         log_level: logging level.
     """
     from monai_wsi_ext.prep.prepare import collect_inputs, prepare_dataset
+    from monai_wsi_ext.utils import setup_logging
 
-    logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging(log_level)
     cfg, parser = _overlay_prepare_config()
     out = output_dir or parser.get_parsed_content("dataset_dir")
     summary = prepare_dataset(collect_inputs(manifest=manifest), out, cfg, overwrite=bool(overwrite))
@@ -212,9 +212,9 @@ def standin(output_dir: str = "camelyon16_standin", annotation: str = str(SHARED
     from monai_wsi_ext.io.atomic import write_json_atomic
     from monai_wsi_ext.prep.prepare import collect_inputs, prepare_dataset
     from monai_wsi_ext.testing.synthetic import SyntheticSlideConfig, generate_slide
+    from monai_wsi_ext.utils import setup_logging
 
-    logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging(log_level)
     if threads:
         torch.set_num_threads(int(threads))
     scale = float(scale)

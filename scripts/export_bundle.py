@@ -52,7 +52,9 @@ def main(
     Returns:
         Network name -> written file.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    from monai_wsi_ext.utils import setup_logging
+
+    setup_logging("INFO")
     names = [networks] if isinstance(networks, str) else list(networks)
     unknown = [n for n in names if n not in NETWORKS]
     if unknown:

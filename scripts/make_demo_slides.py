@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import fire  # noqa: E402
 
 from monai_wsi_ext.testing.synthetic import generate_dataset  # noqa: E402
+from monai_wsi_ext.utils import setup_logging  # noqa: E402
 
 __all__ = ["main"]
 
@@ -39,7 +39,7 @@ def main(output_dir: str = "demo_data", n_train: int = 4, n_val: int = 1, n_test
     if knobs.pop("help", False):  # fire passes ``--help`` into **knobs; show this docstring instead
         print(main.__doc__)
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     manifest = generate_dataset(output_dir, n_train=int(n_train), n_val=int(n_val), n_test=int(n_test),
                                 seed=int(seed), overwrite=bool(overwrite), width=int(width), height=int(height),
                                 **knobs)

@@ -3,7 +3,6 @@ masks and manifest.json, in the layout of make_demo_slides.py (see bundle/docs/s
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import fire  # noqa: E402
 
 from monai_wsi_ext.testing.families import FAMILIES, generate_family_dataset  # noqa: E402
+from monai_wsi_ext.utils import setup_logging  # noqa: E402
 
 __all__ = ["main"]
 
@@ -45,7 +45,7 @@ def main(family: str = "texture", out_dir: str = "family_data", n_train: int = 4
         return
     if family not in FAMILIES:
         raise SystemExit(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     extra = {} if family == "synthetic" else {"tumor_free_fraction": float(tumor_free_fraction),
                                               "mpps": tuple(float(m) for m in (mpps if isinstance(mpps, (list, tuple))
                                                                                else [mpps]))}

@@ -1,14 +1,15 @@
 """The whole demo on generated slides: slides -> patch grids -> encoder -> feature canvases -> U-Net -> heatmaps.
 
 Every stage after the data preparation is the bundle's own config run through ``monai.bundle.run`` with the demo
-overlay ``configs/datasets/demo.json``, i.e. exactly what ``bundle/docs/README.md`` lists as commands.
+overlay ``configs/datasets/demo.json``, i.e. exactly what ``bundle/docs/README.md`` lists as commands. The demo's
+training schedules are the overlay's ``encoder_schedule`` and ``canvas_schedule``, passed as the overrides of
+``train_encoder.json`` and ``train_canvas.json``; this script holds no schedule of its own.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 COMMON = str(REPO / "bundle/configs/common.json")
 DEMO = str(REPO / "configs/datasets/demo.json")
+
+
+def _schedule(name: str) -> dict:
+    """The demo overlay's training schedule ``name`` (``encoder_schedule``, ``canvas_schedule``): the overrides
+    (``max_epochs``, ``batch_size``, ``learning_rate``...) of the stage config it belongs to."""
+    from monai.bundle import ConfigParser
+
+    return dict(ConfigParser.load_config_files([DEMO])[name])
+
+
+def _given(**options) -> dict:
+    """The options given on the command line (not None)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _bundle(config: str, **overrides) -> None:
@@ -32,12 +46,13 @@ def _bundle(config: str, **overrides) -> None:
 
 def _score(heatmap_dir: Path) -> dict:
     from monai_wsi_ext.evaluation.metrics import count_tumor_points, patch_metrics
+    from monai_wsi_ext.labels import LABEL_BACKGROUND
 
     probs, labels, points = [], [], 0
     for d in sorted(p for p in heatmap_dir.iterdir() if p.is_dir() and p.name != "prepared"):
         prob = np.load(d / f"{d.name}_prob.npy")
         lab = np.load(d / f"{d.name}_labels.npy")
-        tissue = lab > -2
+        tissue = lab != LABEL_BACKGROUND
         probs.append(prob[tissue])
         labels.append(lab[tissue])
         points += count_tumor_points(np.nan_to_num(prob, nan=0.0), lab)
@@ -47,8 +62,8 @@ def _score(heatmap_dir: Path) -> dict:
 
 
 def run(output_dir: str = "demo_output", n_train: int = 6, n_val: int = 2, n_test: int = 2, size: int = 3072,
-        seed: int = 0, encoder_epochs: int = 6, canvas_epochs: int = 60, e2e_epochs: int = 0,
-        encoder_lr: float = 1e-3, backbone: str = "googlenet") -> dict:
+        seed: int = 0, encoder_epochs: int | None = None, canvas_epochs: int | None = None, e2e_epochs: int = 0,
+        encoder_lr: float | None = None, backbone: str = "googlenet") -> dict:
     """Run the demo end to end and print where the heatmaps are and how well they score.
 
     The demo uses 64 px patches at level 0 (center-cropped/augmented to 56 px) on 3072 px slides, instead of the
@@ -61,16 +76,18 @@ def run(output_dir: str = "demo_output", n_train: int = 6, n_val: int = 2, n_tes
         n_test: held-out test slides (heatmaps and metrics).
         size: side of each generated slide in level-0 pixels.
         seed: seed of the slide generator and of training.
-        encoder_epochs: patch-encoder epochs.
-        canvas_epochs: canvas U-Net epochs.
+        encoder_epochs: patch-encoder epochs (default: the overlay's ``encoder_schedule#max_epochs``).
+        canvas_epochs: canvas U-Net epochs (default: the overlay's ``canvas_schedule#max_epochs``).
         e2e_epochs: end-to-end epochs after separate training (0 skips; slow on CPU).
-        encoder_lr: Adam learning rate of the encoder (the paper's 1e-4 needs more epochs than a demo has).
+        encoder_lr: Adam learning rate of the encoder (default: the overlay's ``encoder_schedule#learning_rate``;
+            the paper's 1e-4 needs more epochs than a demo has).
         backbone: ``googlenet`` or ``densenet121``.
     """
     from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
     from monai_wsi_ext.testing.synthetic import generate_dataset
+    from monai_wsi_ext.utils import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging("INFO")
     out = Path(output_dir).resolve()
     t0 = time.perf_counter()
     timings = {}
@@ -87,14 +104,14 @@ def run(output_dir: str = "demo_output", n_train: int = 6, n_val: int = 2, n_tes
     common = {"dataset_dir": str(out / "prepared"), "output_dir": str(out / "bundle"), "ckpt_dir": str(out / "models"),
               "seed": seed, "backbone": backbone}
     t = time.perf_counter()
-    _bundle("train_encoder.json", max_epochs=encoder_epochs, batch_size=32, learning_rate=encoder_lr, **common)
+    _bundle("train_encoder.json", **{**_schedule("encoder_schedule"),
+                                     **_given(max_epochs=encoder_epochs, learning_rate=encoder_lr)}, **common)
     timings["train encoder"] = time.perf_counter() - t
     t = time.perf_counter()
     _bundle("extract_features.json", **common)
     timings["extract features"] = time.perf_counter() - t
     t = time.perf_counter()
-    _bundle("train_canvas.json", max_epochs=canvas_epochs, batch_size=8, samples_per_slide=8, learning_rate=1e-3,
-            **common)
+    _bundle("train_canvas.json", **{**_schedule("canvas_schedule"), **_given(max_epochs=canvas_epochs)}, **common)
     timings["train canvas U-Net"] = time.perf_counter() - t
     results = {}
     t = time.perf_counter()

@@ -360,6 +360,10 @@ class SurrogateE2ETrainer(Trainer):
             before MODEL_COMPLETED (handlers of the earlier events see the dict).
         optim_set_to_none: ``zero_grad(set_to_none=...)``.
         amp_kwargs: extra ``torch.autocast`` arguments (unused; autocast runs with defaults).
+        prob_channel: the ``canvas_prob_channel`` option (the encoder head's probability as an extra canvas
+            channel). Not supported end to end: True raises :class:`ConfigError` here, before training (the surrogate
+            step would also have to route ``dL/dp`` through the head into the features and decide whether the head
+            trains; the U-Net of a prob-channel run is trained with ``train_canvas.json`` only).
     """
 
     def __init__(
@@ -394,7 +398,15 @@ class SurrogateE2ETrainer(Trainer):
         decollate: bool = False,
         optim_set_to_none: bool = False,
         amp_kwargs: dict | None = None,
+        prob_channel: bool = False,
     ) -> None:
+        if prob_channel:
+            raise ConfigError(
+                "`canvas_prob_channel: true` is not supported by end-to-end training (train_e2e.json): the surrogate "
+                "step lays the encoder features alone on the canvas. Train the prob-channel U-Net with "
+                "train_canvas.json only, or run train_e2e.json with `--canvas_prob_channel false` and a U-Net "
+                "trained without the channel."
+            )
         if int(chunk_size) < 1:
             raise ConfigError(f"`chunk_size` must be >= 1, got {chunk_size}.")
         if int(accumulation_steps) < 1:

@@ -4,7 +4,7 @@ Conventions used throughout this module:
 
 * **Grid labels** (one integer per patch cell, array ``(H, W)``): :data:`LABEL_TUMOR` ``= 1``,
   :data:`LABEL_NORMAL` ``= 0``, :data:`LABEL_NOLABEL` ``= -1`` (ambiguous patch, excluded from every patch
-  metric), :data:`LABEL_BACKGROUND` ``= -2`` (no tissue, not a patch).
+  metric), :data:`LABEL_BACKGROUND` ``= -2`` (no tissue, not a patch); defined in :mod:`monai_wsi_ext.labels`.
 * **Predicted tumor** is ``prob > threshold`` (strict). With the default 0.5 this is the arg-max of a two-class
   softmax whose ties go to class 0 (normal), and it is the same comparison MONAI's ``ProbNMS`` uses.
 * Undefined values (an AUC over one class only, a kappa without disagreement to compare, a Dice of two empty
@@ -36,6 +36,9 @@ from skimage.measure import label as label_components
 from skimage.measure import regionprops
 from sklearn.metrics import accuracy_score, average_precision_score, cohen_kappa_score, roc_auc_score
 
+from monai_wsi_ext.labels import GRID_LABELS as _KNOWN_LABELS
+from monai_wsi_ext.labels import LABEL_BACKGROUND, LABEL_NOLABEL, LABEL_NORMAL, LABEL_TUMOR
+
 __all__ = [
     "LABEL_TUMOR",
     "LABEL_NORMAL",
@@ -64,12 +67,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-LABEL_TUMOR = 1
-LABEL_NORMAL = 0
-LABEL_NOLABEL = -1
-LABEL_BACKGROUND = -2
-_KNOWN_LABELS = (LABEL_TUMOR, LABEL_NORMAL, LABEL_NOLABEL, LABEL_BACKGROUND)
 
 CAMELYON16_FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """False positives per slide at which the Camelyon16 FROC score averages the sensitivity."""

@@ -40,6 +40,7 @@ import numpy as np
 
 from monai_wsi_ext.errors import AnnotationError, ConfigError
 from monai_wsi_ext.io.atomic import write_text_atomic
+from monai_wsi_ext.labels import MASK_NORMAL, MASK_TUMOR, MASK_UNANNOTATED
 
 __all__ = [
     "ANNOTATION_FORMATS",
@@ -64,10 +65,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: values of the label masks returned by :func:`rasterize_annotations` and :func:`read_label_mask`
-MASK_UNANNOTATED = 0
-MASK_NORMAL = 1
-MASK_TUMOR = 2
+# MASK_UNANNOTATED, MASK_NORMAL, MASK_TUMOR (imported above from monai_wsi_ext.labels, re-exported here): the values
+# of the label masks returned by :func:`rasterize_annotations` and :func:`read_label_mask`
 
 ANNOTATION_FORMATS = ("asap", "geojson", "imagescope", "ncrf_json")
 _FORMAT_ALIASES = {"asap": "asap", "asap_xml": "asap", "camelyon16": "asap", "geojson": "geojson",

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from monai_wsi_ext.labels import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "as_index",
@@ -42,8 +44,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -1
-"""Label canvas value for background and ``nolabel`` cells; use as ``ignore_index`` of the cross-entropy loss."""
+# IGNORE_INDEX (imported above from monai_wsi_ext.labels, re-exported here): the label canvas value of background
+# and ``nolabel`` cells; use it as the ``ignore_index`` of the cross-entropy loss.
 
 
 def as_index(t, name: str, n: int | None = None) -> torch.Tensor:

@@ -9,6 +9,10 @@ linear feature layer (``feature_activation=None``): the canvas fills empty cells
 tissue features to exactly 0 as well, making tissue and background indistinguishable in those channels.
 ``feature_activation="relu"`` is available for experiments.
 
+The canvas U-Net is a MONAI ``UNet`` defined once, by the bundle: ``bundle/configs/common.json#unet_def``.
+:func:`bundle_unet` builds it from the config files for code outside a bundle run (the benchmarks);
+:func:`make_unet` builds a UNet of explicitly given channels (tests, other architectures).
+
 Pretrained weights are only ever read from a local file with ``torch.load(..., weights_only=True)``; nothing is
 downloaded.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import pickle
 import re
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from monai_wsi_ext.model.canvas import IGNORE_INDEX
+from monai_wsi_ext.labels import IGNORE_INDEX
 from monai_wsi_ext.errors import ConfigError
 
 __all__ = [
@@ -37,7 +42,12 @@ __all__ = [
     "load_pretrained",
     "load_checkpoint",
     "load_encoder_checkpoint",
+    "UNET_ID",
+    "bundle_unet",
     "make_unet",
+    "NOLABEL_TARGET_BASE",
+    "nolabel_target",
+    "CanvasCrossEntropyLoss",
     "canvas_loss",
 ]
 
@@ -407,23 +417,62 @@ def load_encoder_checkpoint(encoder: PatchEncoder, path: str | os.PathLike, drop
     return load_checkpoint(encoder, path, option="encoder_ckpt", drop_head=drop_head)
 
 
+UNET_ID = "unet_def"
+"""Id of the canvas U-Net in the bundle configs (``bundle/configs/common.json#unet_def``), the one definition of
+its hyperparameters."""
+
+
+def bundle_unet(config_files: str | os.PathLike | Sequence[str | os.PathLike], **overrides) -> nn.Module:
+    """The canvas U-Net exactly as the bundle builds it: ``unet_def`` of the merged ``config_files``.
+
+    ``bundle/configs/common.json#unet_def`` holds the U-Net's hyperparameters once; the training, inference and
+    export configs reference it, and scripts that build the U-Net outside a bundle run (the benchmarks) call this,
+    so that every U-Net of the project has the same architecture.
+
+    Args:
+        config_files: bundle config files, merged in order (at least ``common.json``; an overlay may follow).
+        overrides: parser overrides applied before parsing, as on the ``monai.bundle`` command line:
+            ``feature_dim=32`` or ``**{"unet_def#num_res_units": 1}``.
+
+    Returns:
+        The (newly instantiated) ``monai.networks.nets.UNet``.
+
+    Raises:
+        ConfigError: the configs define no ``unet_def``.
+    """
+    from monai.bundle import ConfigParser
+
+    files = [config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files)
+    parser = ConfigParser()
+    parser.read_config([os.fspath(f) for f in files])
+    parser.update(overrides)
+    if UNET_ID not in parser:
+        raise ConfigError(f"no `{UNET_ID}` in the bundle configs {[os.fspath(f) for f in files]}")
+    return parser.get_parsed_content(UNET_ID, instantiate=True)
+
+
 def make_unet(
     feature_dim: int = 16,
     num_classes: int = 2,
-    channels: Sequence[int] = (32, 64, 128, 256),
-    strides: Sequence[int] = (2, 2, 2),
-    num_res_units: int = 2,
+    *,
+    channels: Sequence[int],
+    strides: Sequence[int] | None = None,
+    num_res_units: int = 0,
     dropout: float = 0.0,
     **kwargs,
 ) -> nn.Module:
-    """The canvas segmentation network: a 2-d MONAI UNet from ``feature_dim`` channels to ``num_classes`` logits.
+    """A 2-d MONAI UNet from ``feature_dim`` channels to ``num_classes`` logits, for tests and experiments with other
+    architectures.
+
+    The project's canvas U-Net is ``common.json#unet_def`` (build it with :func:`bundle_unet`); this function has no
+    U-Net hyperparameters of its own: ``channels`` must be given and the other defaults are MONAI ``UNet``'s.
 
     Args:
         feature_dim: channels of the feature canvas.
         num_classes: output classes (2: normal, tumor).
         channels: channels per level.
-        strides: downsampling per level (``len(channels) - 1`` entries); canvas sizes must be divisible by their
-            product.
+        strides: downsampling per level (``len(channels) - 1`` entries; default 2 at every level); canvas sizes
+            must be divisible by their product.
         num_res_units: residual units per block.
         dropout: dropout rate inside the UNet.
         kwargs: further ``monai.networks.nets.UNet`` arguments (``norm``, ``act``...).
@@ -433,6 +482,8 @@ def make_unet(
     """
     from monai.networks.nets import UNet
 
+    if strides is None:
+        strides = (2,) * max(len(channels) - 1, 0)
     if len(strides) != len(channels) - 1:
         raise ConfigError(f"`strides` needs len(channels) - 1 = {len(channels) - 1} entries, got {list(strides)}.")
     return UNet(
@@ -447,6 +498,66 @@ def make_unet(
     )
 
 
-def canvas_loss(weight: torch.Tensor | None = None) -> nn.CrossEntropyLoss:
-    """Softmax cross-entropy over canvas cells, ignoring background and nolabel cells (:data:`IGNORE_INDEX`)."""
-    return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
+NOLABEL_TARGET_BASE = -3
+"""Training label canvases built with ``canvas_nolabel_weight`` (see
+:class:`~monai_wsi_ext.data.features.CanvasDataset`) hold ``NOLABEL_TARGET_BASE - c`` for a nolabel tissue cell
+taken as class ``c`` (-3: taken as normal, -4: taken as tumor; :func:`nolabel_target`). The codes are negative, as
+every "not a labelled patch" code of :mod:`monai_wsi_ext.labels`, so they never count as labelled; only
+:class:`CanvasCrossEntropyLoss` with a ``nolabel_weight`` reads them."""
+
+
+def nolabel_target(cls: torch.Tensor) -> torch.Tensor:
+    """The canvas target of nolabel cells taken as class ``cls`` (0 normal, 1 tumor): ``NOLABEL_TARGET_BASE - cls``."""
+    return NOLABEL_TARGET_BASE - cls
+
+
+class CanvasCrossEntropyLoss(nn.CrossEntropyLoss):
+    """Softmax cross-entropy over canvas cells that ignores background and nolabel cells (:data:`IGNORE_INDEX`),
+    with optional class weights and an optional loss weight for nolabel tissue cells.
+
+    With ``nolabel_weight=None`` (the default) this is exactly ``torch.nn.CrossEntropyLoss(weight=weight,
+    ignore_index=IGNORE_INDEX)``. With a ``nolabel_weight``, targets ``NOLABEL_TARGET_BASE - c`` (nolabel tissue
+    cells taken as class ``c``, see :data:`NOLABEL_TARGET_BASE`) count as class ``c`` with the loss weight
+    ``nolabel_weight`` (times the class weight); the ``mean`` reduction is then the weighted mean
+    ``sum_i w_i CE_i / sum_i w_i``, as PyTorch's for class weights.
+
+    Args:
+        weight: optional (K,) class weights (``canvas_class_weights``, see
+            :func:`~monai_wsi_ext.data.features.canvas_class_weights`).
+        nolabel_weight: loss weight of nolabel tissue cells (``canvas_nolabel_weight``); None ignores them.
+        ignore_index: target value that is ignored.
+        reduction: ``mean``, ``sum`` or ``none``.
+
+    Raises:
+        ConfigError: for a negative or non-finite ``nolabel_weight``.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, nolabel_weight: float | None = None,
+                 ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction)
+        if nolabel_weight is not None and not (math.isfinite(float(nolabel_weight)) and float(nolabel_weight) >= 0):
+            raise ConfigError(f"`canvas_nolabel_weight` must be null or a finite weight >= 0, got {nolabel_weight!r}.")
+        self.nolabel_weight = None if nolabel_weight is None else float(nolabel_weight)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.nolabel_weight is None:
+            return super().forward(input, target)
+        nolabel = target <= NOLABEL_TARGET_BASE
+        target = torch.where(nolabel, NOLABEL_TARGET_BASE - target, target)
+        ce = nn.functional.cross_entropy(input, target, ignore_index=self.ignore_index, reduction="none")
+        valid = target != self.ignore_index
+        w = valid.to(ce.dtype)
+        if self.weight is not None:
+            w = w * self.weight.to(ce.dtype)[torch.where(valid, target, 0)]
+        w = torch.where(nolabel, w * self.nolabel_weight, w)
+        if self.reduction == "none":
+            return w * ce
+        if self.reduction == "sum":
+            return (w * ce).sum()
+        return (w * ce).sum() / w.sum()
+
+
+def canvas_loss(weight: torch.Tensor | None = None, nolabel_weight: float | None = None) -> CanvasCrossEntropyLoss:
+    """Softmax cross-entropy over canvas cells, ignoring background and nolabel cells (:data:`IGNORE_INDEX`); see
+    :class:`CanvasCrossEntropyLoss`."""
+    return CanvasCrossEntropyLoss(weight=weight, nolabel_weight=nolabel_weight)

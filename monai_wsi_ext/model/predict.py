@@ -18,7 +18,8 @@ from torch import nn
 from monai_wsi_ext.model.canvas import canvas_forward, gather_from_canvas, layout_canvas, plan_canvases
 from monai_wsi_ext.utils import module_device
 
-__all__ = ["eval_mode", "encode_batches", "encode_slide", "canvas_probabilities", "prob_grid", "CanvasInferer"]
+__all__ = ["eval_mode", "encode_batches", "encode_slide", "append_prob_channel", "canvas_probabilities", "prob_grid",
+           "CanvasInferer"]
 
 
 @contextmanager
@@ -112,9 +113,26 @@ def encode_slide(encoder: nn.Module, source, batch_size: int = 64, device=None, 
     return x.float().cpu().numpy(), None if p is None else p.float().numpy()
 
 
+def append_prob_channel(features: torch.Tensor, probs) -> torch.Tensor:
+    """The per-patch canvas vectors of the ``canvas_prob_channel`` option: the (N, C) features with the encoder
+    head's (N,) tumor probabilities appended as channel ``C`` (in the features' dtype and device).
+
+    The canvas dataset (from the feature files' ``probs``) and inference (from :func:`encode_slide`'s head
+    probabilities, computed the same way) both build the U-Net input with this function.
+
+    Raises:
+        ValueError: when ``probs`` does not hold one value per feature row.
+    """
+    p = torch.as_tensor(np.asarray(probs) if not isinstance(probs, torch.Tensor) else probs)
+    p = p.to(device=features.device, dtype=features.dtype).reshape(-1, 1)
+    if p.shape[0] != features.shape[0]:
+        raise ValueError(f"`probs` must hold one probability per feature row ({features.shape[0]}), got {p.shape[0]}.")
+    return torch.cat([features, p], dim=1)
+
+
 def canvas_probabilities(unet: nn.Module, features, rows, cols, canvas_size: int, canvas_mode: str = "slide",
                          device=None, multiple: int = 16, tissue_components=None, inferer=None,
-                         autocast: bool = False, class_index: int | None = 1) -> np.ndarray:
+                         autocast: bool = False, class_index: int | None = 1, head_probs=None) -> np.ndarray:
     """Tumor probability of every patch from its features through the canvas U-Net, in eval mode.
 
     Layouts larger than ``canvas_size`` go through a sliding window (:func:`canvas_forward`), so no patch is cut.
@@ -131,6 +149,9 @@ def canvas_probabilities(unet: nn.Module, features, rows, cols, canvas_size: int
         inferer: optional MONAI inferer for canvases larger than ``canvas_size``.
         autocast: mixed precision.
         class_index: the class whose probability is returned; None returns all classes.
+        head_probs: optional (N,) encoder head tumor probabilities, appended to the features as the last canvas
+            channel (the ``canvas_prob_channel`` option, see :func:`append_prob_channel`); the U-Net then has
+            ``C + 1`` input channels.
 
     Returns:
         ``(N,)`` float32 probabilities of ``class_index`` (``(N, K)`` when None), NaN-free, in patch order.
@@ -138,6 +159,8 @@ def canvas_probabilities(unet: nn.Module, features, rows, cols, canvas_size: int
     dev, _ = module_device(unet, device)
     x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
     x = x.to(device=dev, dtype=torch.float32 if not x.is_floating_point() else x.dtype)
+    if head_probs is not None:
+        x = append_prob_channel(x, head_probs)
     rows_t = torch.as_tensor(np.asarray(rows)).long().reshape(-1)
     cols_t = torch.as_tensor(np.asarray(cols)).long().reshape(-1)
     out: torch.Tensor | None = None
@@ -184,15 +207,19 @@ class CanvasInferer:
             map, the classifier-only baseline; ``network`` is not used).
         multiple: rounding of layouts larger than ``canvas_size``.
         prefetch: batches read ahead of the encoder.
+        prob_channel: the ``canvas_prob_channel`` option: the encoder head's tumor probability of each patch is
+            appended to its features as canvas channel ``C`` (:func:`append_prob_channel`), as in the canvases the
+            U-Net was trained on; the U-Net has ``C + 1`` input channels.
     """
 
     def __init__(self, encoder: nn.Module, canvas_size: int = 512, canvas_mode: str = "slide", batch_size: int = 64,
-                 channels_last: bool = True, mode: str = "canvas", multiple: int = 16, prefetch: int = 2):
+                 channels_last: bool = True, mode: str = "canvas", multiple: int = 16, prefetch: int = 2,
+                 prob_channel: bool = False):
         if mode not in ("canvas", "classifier"):
             raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
         self.encoder, self.canvas_size, self.canvas_mode = encoder, int(canvas_size), canvas_mode
         self.batch_size, self.channels_last, self.mode = int(batch_size), channels_last, mode
-        self.multiple, self.prefetch = multiple, prefetch
+        self.multiple, self.prefetch, self.prob_channel = multiple, prefetch, bool(prob_channel)
         if channels_last:
             encoder.to(memory_format=torch.channels_last)
 
@@ -205,5 +232,6 @@ class CanvasInferer:
             if network is None:
                 raise ValueError("`mode='canvas'` needs the canvas U-Net as `network`.")
             probs = canvas_probabilities(network, feats, inputs["rows"], inputs["cols"], self.canvas_size,
-                                         self.canvas_mode, multiple=self.multiple)
+                                         self.canvas_mode, multiple=self.multiple,
+                                         head_probs=head if self.prob_channel else None)
         return {"probs": probs, "features": feats, "head_probs": head}

@@ -5,7 +5,8 @@ A cell ``(row, col)`` covers level-0 pixels ``x in [col * cell, (col + 1) * cell
 the slide exist. A cell is kept when its tissue fraction reaches ``tissue_threshold``.
 
 Labels follow the paper: ``tumor`` (1) when the tumor fraction is at least ``tumor_threshold``, ``normal`` (0)
-when the normal fraction is at least ``normal_threshold``, otherwise ``nolabel`` (-1).
+when the normal fraction is at least ``normal_threshold``, otherwise ``nolabel`` (-1). The codes are defined in
+:mod:`monai_wsi_ext.labels`; :class:`PatchLabel` is importable from here too.
 """
 
 from __future__ import annotations
@@ -13,23 +14,15 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
 
 from monai_wsi_ext.io.atomic import atomic_path
+from monai_wsi_ext.labels import LABEL_BACKGROUND, MASK_NORMAL, MASK_TUMOR, PatchLabel
 
 __all__ = ["PatchLabel", "PatchGrid", "cell_fractions", "make_grid", "label_cells", "write_patch_table",
            "read_patch_table", "PATCH_TABLE_COLUMNS"]
-
-
-class PatchLabel(IntEnum):
-    """Per-patch label codes used in patch tables, label canvases and metrics."""
-
-    NOLABEL = -1
-    NORMAL = 0
-    TUMOR = 1
 
 
 PATCH_TABLE_COLUMNS = ("slide_id", "row", "col", "x", "y", "level", "patch_size", "tissue", "tumor", "normal",
@@ -115,8 +108,9 @@ class PatchGrid:
                 "normal": int((self.labels == PatchLabel.NORMAL).sum()),
                 "nolabel": int((self.labels == PatchLabel.NOLABEL).sum())}
 
-    def label_grid(self, background: int = -2) -> np.ndarray:
-        """``(rows, cols)`` int array of labels, ``background`` where no cell was kept."""
+    def label_grid(self, background: int = LABEL_BACKGROUND) -> np.ndarray:
+        """``(rows, cols)`` int array of labels, ``background`` (:data:`~monai_wsi_ext.labels.LABEL_BACKGROUND`)
+        where no cell was kept."""
         grid = np.full(self.shape, background, np.int64)
         grid[self.rows, self.cols] = self.labels
         return grid
@@ -159,7 +153,7 @@ def label_cells(grid: PatchGrid, label_mask: np.ndarray, label_downsample: float
 
     Args:
         grid: the grid to label (modified in place and returned).
-        label_mask: ``(h, w)`` uint8, 0 unannotated, 1 normal, 2 tumor.
+        label_mask: ``(h, w)`` uint8, 0 unannotated, 1 normal, 2 tumor (``monai_wsi_ext.labels.MASK_*``).
         label_downsample: level-0 pixels per label-mask pixel.
         tissue_mask: the tissue mask, needed when ``exhaustive`` is set.
         tissue_downsample: its downsample.
@@ -169,15 +163,15 @@ def label_cells(grid: PatchGrid, label_mask: np.ndarray, label_downsample: float
         normal_threshold: minimum normal fraction of a normal cell.
     """
     rows, cols = grid.shape
-    tumor_full = cell_fractions(label_mask == 2, label_downsample, rows, cols, grid.cell_size)
+    tumor_full = cell_fractions(label_mask == MASK_TUMOR, label_downsample, rows, cols, grid.cell_size)
     if exhaustive:
         if tissue_mask is None or tissue_downsample is None:
             raise ValueError("`exhaustive=True` needs `tissue_mask` and `tissue_downsample`.")
         # normal = annotated normal, or tissue that is not annotated tumor
         unannotated_tissue = _resample(tissue_mask, tissue_downsample, label_mask.shape, label_downsample)
-        normal_mask = (label_mask == 1) | (unannotated_tissue & (label_mask != 2))
+        normal_mask = (label_mask == MASK_NORMAL) | (unannotated_tissue & (label_mask != MASK_TUMOR))
     else:
-        normal_mask = label_mask == 1
+        normal_mask = label_mask == MASK_NORMAL
     normal_full = cell_fractions(normal_mask, label_downsample, rows, cols, grid.cell_size)
     grid.tumor = tumor_full[grid.rows, grid.cols].astype(np.float32)
     grid.normal = normal_full[grid.rows, grid.cols].astype(np.float32)
