@@ -183,7 +183,7 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
     common = {"dataset_dir": str(prepared), "output_dir": str(sd / "bundle"), "ckpt_dir": str(sd / "models"),
               "seed": int(seed), "backbone": b["backbone"], "crop_size": int(b["crop_size"]),
               "canvas_size": int(b["canvas_size"]), "num_workers": int(b.get("num_workers", 0)),
-              "patch_size": int(cfg["data"]["patch_size"])}
+              "patch_size": int(cfg["data"]["patch_size"]), **b.get("overrides", {})}
     methods = cfg["methods"]
     out: dict[str, Path] = {}
     # method -> (configs, overrides) of its prediction on the test split of the prepared folder `dataset_dir`
@@ -198,7 +198,8 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
     if {"classifier", "separate", "e2e"} & set(methods):
         e = cfg["encoder"]
         stage("train encoder", ["train_encoder.json"], max_epochs=int(e["max_epochs"]), batch_size=int(e["batch_size"]),
-              learning_rate=float(e["learning_rate"]), samples_per_epoch=e.get("samples_per_epoch"))
+              learning_rate=float(e["learning_rate"]), samples_per_epoch=e.get("samples_per_epoch"),
+              **e.get("overrides", {}))
         predict["classifier"] = (["inference.json", "baseline_classifier.json"], {})
         stage("classifier-only heatmaps", predict["classifier"][0], heatmap_dir=str(hm / "classifier"))
         out["classifier"] = hm / "classifier"
@@ -207,7 +208,7 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
         stage("extract features", ["extract_features.json"])
         stage("train canvas U-Net", ["train_canvas.json"], max_epochs=int(c["max_epochs"]),
               batch_size=int(c["batch_size"]), samples_per_slide=int(c["samples_per_slide"]),
-              learning_rate=float(c["learning_rate"]))
+              learning_rate=float(c["learning_rate"]), **c.get("overrides", {}))
         predict["separate"] = (["inference.json"], {"mode": "canvas"})
         stage("separate heatmaps", predict["separate"][0], heatmap_dir=str(hm / "separate"), **predict["separate"][1])
         out["separate"] = hm / "separate"
@@ -319,10 +320,9 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
     from monai_wsi_ext.evaluation.report import comparison_figure, markdown_table, summarize_runs
     from monai_wsi_ext.io.atomic import write_json_atomic
     from monai_wsi_ext.testing import cross_family as xf
-    from monai_wsi_ext.utils import json_clean
+    from monai_wsi_ext.utils import json_clean, setup_logging
 
-    logging.basicConfig(level=str(log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging(log_level)
     overrides = dict(seeds=seeds, methods=methods, n_train=n_train, n_val=n_val, n_test=n_test, size=size,
                      data_seed=data_seed, tumor_points=tumor_points,
                      normal_looking_tumor_fraction=normal_looking_tumor_fraction, generator=generator,
