@@ -39,3 +39,35 @@ def test_unknown_backbone_names_the_choices():
         build_backbone("resnet_18")
     with pytest.raises(ConfigError, match="densenet121"):
         build_backbone("monai:unet")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "small_cnn", "monai:efficientnet-b0"])
+def test_patch_encoder_with_any_backbone_trains_saves_loads_and_exports(name, tmp_path):
+    """The encoder's feature layer and head on a new backbone; the same strict checkpoint and TorchScript export
+    paths as the paper's backbones."""
+    from monai_wsi_ext.model.networks import PatchEncoder, load_checkpoint
+
+    torch.manual_seed(0)
+    enc = PatchEncoder(name, feature_dim=16)
+    x = torch.rand(4, 3, 64, 64)
+    loss = torch.nn.functional.cross_entropy(enc(x), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    assert enc.feature.weight.shape == (16, enc.backbone.out_features)
+    assert enc.backbone.parameters().__next__().grad is not None
+    torch.save(enc.state_dict(), tmp_path / "encoder.pt")
+    again = PatchEncoder(name, feature_dim=16)
+    load_checkpoint(again, tmp_path / "encoder.pt", option="encoder_ckpt")
+    enc.eval()
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.features(x), enc.features(x))
+    other = PatchEncoder("googlenet", feature_dim=16)
+    with pytest.raises(ConfigError, match="encoder_ckpt"):
+        load_checkpoint(other, tmp_path / "encoder.pt", option="encoder_ckpt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit deprecation
+        scripted = torch.jit.script(enc)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted.features(x), enc.features(x))

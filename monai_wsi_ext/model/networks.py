@@ -238,8 +238,10 @@ class PatchEncoder(nn.Module):
     """Patch classifier whose penultimate layer is a short feature vector for the canvas.
 
     Args:
-        backbone: ``"googlenet"`` (torchvision, randomly initialised) or ``"densenet121"`` (MONAI); both give a
-            1024-d pooled vector.
+        backbone: ``"googlenet"`` (torchvision, randomly initialised) or ``"densenet121"`` (MONAI), the paper's,
+            both a 1024-d pooled vector; or any name of :func:`monai_wsi_ext.model.backbones.build_backbone` (a
+            torchvision classification model such as ``resnet18``/``efficientnet_b0``, ``monai:<name>``,
+            ``small_cnn``), whose pooled width the feature layer takes.
         feature_dim: length of the feature vector (16 in the paper).
         num_classes: classes of the patch head (2: normal, tumor).
         pretrained_path: optional local checkpoint: a raw backbone state dict (torchvision/ImageNet or MONAI key
@@ -263,8 +265,9 @@ class PatchEncoder(nn.Module):
         feature_activation: str | None = None,
     ) -> None:
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ConfigError(f"`backbone` must be one of {BACKBONES}, got {backbone!r}.")
+        if not isinstance(backbone, str) or not backbone:
+            raise ConfigError(f"`backbone` must be a name ({BACKBONES} or one of monai_wsi_ext.model.backbones), "
+                              f"got {backbone!r}.")
         if int(feature_dim) < 1 or int(num_classes) < 1:
             raise ConfigError(f"`feature_dim` and `num_classes` must be positive, got {feature_dim}, {num_classes}.")
         if not 0.0 <= float(dropout) < 1.0:
@@ -277,8 +280,13 @@ class PatchEncoder(nn.Module):
         if backbone == "googlenet":
             self.backbone = _googlenet_backbone(dropout)
             self.dropout = nn.Identity()  # GoogLeNet applies its own dropout before the (removed) fc
-        else:
+        elif backbone == "densenet121":
             self.backbone = _DenseNetBackbone()
+            self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
+        else:  # torchvision models by name, monai:<name>, small_cnn (ConfigError for an unknown name)
+            from monai_wsi_ext.model.backbones import build_backbone
+
+            self.backbone = build_backbone(backbone)
             self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
         self.feature = nn.Linear(self.backbone.out_features, self.feature_dim)
         self.act = nn.ReLU() if feature_activation == "relu" else nn.Identity()
