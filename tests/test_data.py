@@ -125,3 +125,19 @@ def test_slide_patch_source_rereads_same_pixels(prepared_dataset):
     plain = SlidePatchSource.from_prepared(meta, EvalTransform(None))
     seen = [i for batch_idx, _ in plain.iter_batches(batch_size=16) for i in batch_idx]
     assert seen == list(range(len(plain)))
+
+
+def test_datalist_serves_monai_patchwsidataset_with_the_same_pixels(prepared_dataset):
+    """The prepared datalist is in MONAI's ``PatchWSIDataset`` format (top-left ``location``: pass
+    ``center_location=False``); MONAI's dataset with its cuCIM reader gives exactly the pixels the project's
+    ``PatchDataset`` reads through its own slide reader."""
+    from monai.data import PatchWSIDataset
+
+    out, _ = prepared_dataset
+    items = load_datalist(out / "datalist.json", "training")[:4]
+    ours = PatchDataset(items)
+    theirs = PatchWSIDataset(items, reader="cuCIM", center_location=False, include_label=True)
+    for i in range(len(items)):
+        monai_img = np.asarray(theirs[i]["image"], dtype=np.float32) / 255.0
+        np.testing.assert_array_equal(monai_img, ours[i]["image"].numpy())
+        assert int(np.asarray(theirs[i]["label"]).ravel()[0]) == int(ours[i]["label"])
