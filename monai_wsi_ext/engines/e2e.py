@@ -207,6 +207,39 @@ def e2e_step(
         ValueError: for inconsistent inputs (lengths, layouts of different sizes).
     """
     n_patches = int(n_patches)
+    rows, cols, labels, layouts, chunk_size = _check_step_inputs(n_patches, rows, cols, labels, layouts, chunk_size)
+    seeds = draw_seeds(n_patches, generator) if seeds is None else _index(seeds, "seeds", n_patches)
+    dev, _ = module_device(encoder, device)
+    used = _placed_patches(layouts, n_patches)
+    targets = torch.stack([layout_label_canvas(labels, lay) for lay in layouts]).to(dev)
+    result = _new_step_result(used, layouts, seeds, targets)
+    if result["n_labeled"] == 0 or used.numel() == 0:
+        result["skipped"] = True
+        return result
+
+    freeze = eval_mode(encoder) if freeze_encoder else nullcontext()
+    amp = torch.autocast(dev.type, enabled=autocast) if autocast else nullcontext()
+    with freeze:
+        x, x_leaf, canvas = _first_pass(
+            encoder, load_patches, used, seeds, layouts, chunk_size, dev, autocast, non_blocking
+        )
+        g = _unet_backward(unet, canvas, targets, loss_fn, x_leaf, grad_scale, loss_scaler, amp, result)
+        if not result["finite"]:  # non-finite loss or gradient: nothing was accumulated
+            return result
+        result.update(features=x.detach(), feature_grad=g.detach())
+        if not encoder_grads:
+            return result
+        result["n_encoder_grad"] = _surrogate_pass(
+            encoder, load_patches, used, seeds, g, subset, chunk_size, dev, amp, non_blocking
+        )
+    return result
+
+
+def _check_step_inputs(
+    n_patches: int, rows, cols, labels, layouts, chunk_size
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CanvasLayout], int]:
+    """Validate :func:`e2e_step`'s slide table, layouts and chunk size; return them normalised (CPU index tensors,
+    a list of layouts, an int chunk size)."""
     rows = _index(rows, "rows", n_patches)
     cols = _index(cols, "cols", n_patches)
     labels = _index(labels, "labels", n_patches)
@@ -218,82 +251,121 @@ def e2e_step(
         raise ValueError(f"all `layouts` must have the same size to share a U-Net batch, got sizes {sorted(sizes)}.")
     if int(chunk_size) < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
-    chunk_size = int(chunk_size)
-    seeds = draw_seeds(n_patches, generator) if seeds is None else _index(seeds, "seeds", n_patches)
-    dev, _ = module_device(encoder, device)
+    return rows, cols, labels, layouts, int(chunk_size)
 
+
+def _placed_patches(layouts: Sequence[CanvasLayout], n_patches: int) -> torch.Tensor:
+    """The sorted, unique patch indices placed on ``layouts`` (CPU LongTensor), checked against ``n_patches``."""
     used = torch.unique(torch.cat([lay.indices.long().cpu() for lay in layouts]))  # sorted
     if used.numel() and (int(used[0]) < 0 or int(used[-1]) >= n_patches):
         raise ValueError(f"layout indices must lie in [0, {n_patches}), got range [{int(used[0])}, {int(used[-1])}].")
-    targets = torch.stack([layout_label_canvas(labels, lay) for lay in layouts]).to(dev)
-    n_labeled = int((targets != IGNORE_INDEX).sum())
-    result: dict[str, Any] = {
+    return used
+
+
+def _new_step_result(used: torch.Tensor, layouts: list[CanvasLayout], seeds: torch.Tensor,
+                     targets: torch.Tensor) -> dict[str, Any]:
+    """:func:`e2e_step`'s result before anything is computed (NaN loss, finite, not skipped)."""
+    return {
         "loss": torch.tensor(float("nan")),
         "finite": True,
         "nonfinite_reason": None,
         "skipped": False,
         "n_used": int(used.numel()),
-        "n_labeled": n_labeled,
+        "n_labeled": int((targets != IGNORE_INDEX).sum()),
         "n_encoder_grad": 0,
         "used_indices": used,
         "layouts": layouts,
         "seeds": seeds,
         "targets": targets,
     }
-    if n_labeled == 0 or used.numel() == 0:
-        result["skipped"] = True
-        return result
 
-    freeze = eval_mode(encoder) if freeze_encoder else nullcontext()
-    amp = torch.autocast(dev.type, enabled=autocast) if autocast else nullcontext()
-    with freeze:
-        # step 1: features of all placed patches, no graph kept
-        x = encode_patches(encoder, load_patches, used, seeds[used], chunk_size, dev, autocast, non_blocking)
-        # step 2: differentiable scatter of a leaf copy onto the canvases
-        x_leaf = x.detach().requires_grad_(True)
-        canvases = []
-        for lay in layouts:
-            pos = torch.searchsorted(used, lay.indices.long().cpu()).to(dev)
-            canvases.append(layout_canvas(x_leaf[pos], lay))
-        canvas = torch.stack(canvases)
-        # step 3: U-Net forward/backward; read g = dL/dx
+
+def _first_pass(
+    encoder: nn.Module,
+    load_patches: PatchLoader,
+    used: torch.Tensor,
+    seeds: torch.Tensor,
+    layouts: list[CanvasLayout],
+    chunk_size: int,
+    dev: torch.device,
+    autocast: bool,
+    non_blocking: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2: encode every placed patch without a graph, then scatter a leaf copy of the features onto the
+    canvases (differentiably). Returns the features ``x``, the leaf ``x_leaf`` and the stacked canvases."""
+    x = encode_patches(encoder, load_patches, used, seeds[used], chunk_size, dev, autocast, non_blocking)
+    x_leaf = x.detach().requires_grad_(True)
+    canvases = []
+    for lay in layouts:
+        pos = torch.searchsorted(used, lay.indices.long().cpu()).to(dev)
+        canvases.append(layout_canvas(x_leaf[pos], lay))
+    return x, x_leaf, torch.stack(canvases)
+
+
+def _unet_backward(
+    unet: nn.Module,
+    canvas: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_leaf: torch.Tensor,
+    grad_scale: float,
+    loss_scaler: Callable[[torch.Tensor], torch.Tensor] | None,
+    amp,
+    result: dict[str, Any],
+) -> torch.Tensor | None:
+    """Step 3: U-Net forward, loss and backward; accumulate the U-Net's gradients and return ``g = dL/dx``.
+
+    Records ``loss``, ``canvas`` and ``logits`` in ``result``. On a non-finite loss or gradient it records
+    ``finite=False`` and the reason in ``result``, adds no gradient and returns None.
+    """
+    with amp:
+        logits = unet(canvas)
+        loss = loss_fn(logits, targets)
+    result.update(loss=loss.detach().float(), canvas=canvas.detach(), logits=logits.detach())
+    if not bool(torch.isfinite(loss.detach())):
+        result.update(finite=False, nonfinite_reason="loss")
+        return None
+    scaled = loss * grad_scale
+    if loss_scaler is not None:
+        scaled = loss_scaler(scaled)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(scaled, [x_leaf, *params], allow_unused=True)
+    if not _all_finite(grads):
+        result.update(finite=False, nonfinite_reason="grad")
+        return None
+    for p, gp in zip(params, grads[1:]):
+        if gp is not None:
+            p.grad = gp if p.grad is None else p.grad.add_(gp)
+    return grads[0]
+
+
+def _surrogate_pass(
+    encoder: nn.Module,
+    load_patches: PatchLoader,
+    used: torch.Tensor,
+    seeds: torch.Tensor,
+    g: torch.Tensor,
+    subset: torch.Tensor | None,
+    chunk_size: int,
+    dev: torch.device,
+    amp,
+    non_blocking: bool,
+) -> int:
+    """Step 4: re-encode the (subset of the) placed patches chunk by chunk with gradients and back-propagate the
+    surrogate loss ``<g, x>`` into the encoder. Returns the number of patches re-encoded."""
+    positions = torch.arange(used.numel())
+    if subset is not None:
+        positions = positions[torch.isin(used, _index(subset, "subset"))]
+    feats = getattr(encoder, "features", encoder)
+    enc_dtype = module_device(encoder, dev)[1]
+    for start in range(0, positions.numel(), chunk_size):
+        pos = positions[start : start + chunk_size]
+        idx = used[pos]
+        patches = _load(load_patches, idx, seeds[idx], dev, enc_dtype, non_blocking)
         with amp:
-            logits = unet(canvas)
-            loss = loss_fn(logits, targets)
-        result.update(loss=loss.detach().float(), canvas=canvas.detach(), logits=logits.detach())
-        if not bool(torch.isfinite(loss.detach())):
-            result.update(finite=False, nonfinite_reason="loss")
-            return result
-        scaled = loss * grad_scale
-        if loss_scaler is not None:
-            scaled = loss_scaler(scaled)
-        params = [p for p in unet.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(scaled, [x_leaf, *params], allow_unused=True)
-        g = grads[0]
-        if not _all_finite(grads):
-            result.update(finite=False, nonfinite_reason="grad")
-            return result
-        for p, gp in zip(params, grads[1:]):
-            if gp is not None:
-                p.grad = gp if p.grad is None else p.grad.add_(gp)
-        result.update(features=x.detach(), feature_grad=g.detach())
-        if not encoder_grads:
-            return result
-        # step 4: re-encode chunk by chunk with gradients; backward of the surrogate loss <g, x>
-        positions = torch.arange(used.numel())
-        if subset is not None:
-            positions = positions[torch.isin(used, _index(subset, "subset"))]
-        feats = getattr(encoder, "features", encoder)
-        enc_dtype = module_device(encoder, dev)[1]
-        for start in range(0, positions.numel(), chunk_size):
-            pos = positions[start : start + chunk_size]
-            idx = used[pos]
-            patches = _load(load_patches, idx, seeds[idx], dev, enc_dtype, non_blocking)
-            with amp:
-                xc = feats(patches)
-            (g[pos.to(dev)] * xc.to(g.dtype)).sum().backward()
-        result["n_encoder_grad"] = int(positions.numel())
-    return result
+            xc = feats(patches)
+        (g[pos.to(dev)] * xc.to(g.dtype)).sum().backward()
+    return int(positions.numel())
 
 
 def slide_collate(batch: Sequence[Any]) -> Any:
@@ -400,6 +472,52 @@ class SurrogateE2ETrainer(Trainer):
         amp_kwargs: dict | None = None,
         prob_channel: bool = False,
     ) -> None:
+        self._check_options(
+            unet, chunk_size, canvas_size, canvas_mode, subset_size, accumulation_steps, nonfinite, prob_channel
+        )
+        dev = torch.device(device)
+        amp = self._amp_available(amp, dev)
+        super().__init__(
+            device=dev,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=False,  # per-slide outputs are wrapped, not split along their first dimension
+            amp_kwargs=amp_kwargs,
+        )
+        self.decollate = bool(decollate)
+        self._set_components(encoder, unet, encoder_optimizer, unet_optimizer, loss_function)
+        self.chunk_size = int(chunk_size)
+        self.canvas_size = int(canvas_size)
+        self.canvas_mode = canvas_mode
+        self.canvas_multiple = int(canvas_multiple)
+        self.subset_size = None if subset_size is None else int(subset_size)
+        self.accumulation_steps = int(accumulation_steps)
+        self.nonfinite = nonfinite
+        self.optim_set_to_none = optim_set_to_none
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._window_has_grads = False
+        self.state.nonfinite_skipped = 0
+        self.state.empty_skipped = 0
+        self.state.amp_overflow_skipped = 0
+
+    # -- construction ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_options(
+        unet: nn.Module, chunk_size, canvas_size, canvas_mode, subset_size, accumulation_steps, nonfinite, prob_channel
+    ) -> None:
+        """Refuse unsupported or inconsistent options (:class:`ConfigError`) before anything is built."""
         if prob_channel:
             raise ConfigError(
                 "`canvas_prob_channel: true` is not supported by end-to-end training (train_e2e.json): the surrogate "
@@ -424,29 +542,18 @@ class SurrogateE2ETrainer(Trainer):
                 raise ConfigError(
                     f"`canvas_size` must be divisible by {down} (the U-Net's downsampling), got {canvas_size}."
                 )
-        dev = torch.device(device)
+
+    @staticmethod
+    def _amp_available(amp: bool, dev: torch.device) -> bool:
+        """``amp``, or False with a warning (to the trainer's caller) when ``dev`` is not a CUDA device."""
         if amp and dev.type != "cuda":
-            warnings.warn(f"`amp=True` needs a CUDA device, got {dev}; mixed precision is disabled.", stacklevel=2)
+            # stacklevel 3: the warning points at the code that builds the trainer, as it did from ``__init__``
+            warnings.warn(f"`amp=True` needs a CUDA device, got {dev}; mixed precision is disabled.", stacklevel=3)
             amp = False
-        super().__init__(
-            device=dev,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            handlers=train_handlers,
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=False,  # per-slide outputs are wrapped, not split along their first dimension
-            amp_kwargs=amp_kwargs,
-        )
-        self.decollate = bool(decollate)
+        return amp
+
+    def _set_components(self, encoder, unet, encoder_optimizer, unet_optimizer, loss_function) -> None:
+        """Networks, optimizers and loss, under their own names and the generic ones MONAI handlers look for."""
         self.encoder = encoder
         self.unet = unet
         self.network = unet  # what generic handlers and bundle properties look for
@@ -456,19 +563,6 @@ class SurrogateE2ETrainer(Trainer):
         if loss_function is None:
             loss_function = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.loss_function = loss_function
-        self.chunk_size = int(chunk_size)
-        self.canvas_size = int(canvas_size)
-        self.canvas_mode = canvas_mode
-        self.canvas_multiple = int(canvas_multiple)
-        self.subset_size = None if subset_size is None else int(subset_size)
-        self.accumulation_steps = int(accumulation_steps)
-        self.nonfinite = nonfinite
-        self.optim_set_to_none = optim_set_to_none
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self._window_has_grads = False
-        self.state.nonfinite_skipped = 0
-        self.state.empty_skipped = 0
-        self.state.amp_overflow_skipped = 0
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Ignite's ``load_state_dict`` (resuming), tolerant of a checkpoint that lacks some of the
@@ -590,43 +684,75 @@ class SurrogateE2ETrainer(Trainer):
         cols = _index(item["cols"], "cols", n)
         labels = _index(item["labels"], "labels", n)
         layouts = self._layouts(item, rows, cols, labels)
+        subset = self._draw_subset(layouts)
 
-        subset = None
-        if self.subset_size is not None and self.encoder_optimizer is not None and layouts:
-            used = torch.unique(torch.cat([lay.indices.long() for lay in layouts]))
-            if used.numel() > self.subset_size:
-                subset = used[torch.randperm(used.numel(), generator=self.generator)[: self.subset_size]]
+        should_step = self._start_window(engine)
+        engine.unet.train()
+        result = self._surrogate_step(engine, source, n, rows, cols, labels, layouts, subset)
+        self._publish_outputs(engine, result)
+        self._record_outcome(engine, result)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
+        if should_step:
+            self._end_window()
+        if self.decollate:
+            engine.state.output = [engine.state.output]
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _draw_subset(self, layouts: list[CanvasLayout]) -> torch.Tensor | None:
+        """``subset_size`` random placed patches whose encoder gradients are used, or None for all of them."""
+        if self.subset_size is None or self.encoder_optimizer is None or not layouts:
+            return None
+        used = torch.unique(torch.cat([lay.indices.long() for lay in layouts]))
+        if used.numel() > self.subset_size:
+            return used[torch.randperm(used.numel(), generator=self.generator)[: self.subset_size]]
+        return None
+
+    def _start_window(self, engine: SurrogateE2ETrainer) -> bool:
+        """Zero the gradients at the start of an accumulation window; return whether this iteration ends one."""
         should_zero, should_step = self._accumulation_flags(engine)
         if should_zero:
             self._zero_grad()
             self._window_has_grads = False
-        engine.unet.train()
+        return should_step
 
-        if layouts:
-            result = e2e_step(
-                engine.encoder,
-                engine.unet,
-                source.load,
-                n,
-                rows,
-                cols,
-                labels,
-                layouts,
-                engine.loss_function,
-                chunk_size=self.chunk_size,
-                subset=subset,
-                grad_scale=1.0 / self.accumulation_steps,
-                generator=self.generator,
-                device=engine.state.device,
-                autocast=bool(engine.amp),
-                loss_scaler=engine.scaler.scale if engine.scaler is not None else None,
-                encoder_grads=self.encoder_optimizer is not None,
-                non_blocking=engine.non_blocking,
-            )
-        else:
-            result = {"skipped": True, "finite": True, "loss": torch.tensor(float("nan")), "n_labeled": 0}
+    def _end_window(self) -> None:
+        """Step the optimizers when the window accumulated gradients, then zero them for the next window."""
+        if self._window_has_grads:
+            self._step()
+        self._zero_grad()
+        self._window_has_grads = False
 
+    def _surrogate_step(self, engine: SurrogateE2ETrainer, source, n: int, rows, cols, labels,
+                        layouts: list[CanvasLayout], subset: torch.Tensor | None) -> dict:
+        """:func:`e2e_step` on the slide with the trainer's settings (a skipped result when there is no layout)."""
+        if not layouts:
+            return {"skipped": True, "finite": True, "loss": torch.tensor(float("nan")), "n_labeled": 0}
+        return e2e_step(
+            engine.encoder,
+            engine.unet,
+            source.load,
+            n,
+            rows,
+            cols,
+            labels,
+            layouts,
+            engine.loss_function,
+            chunk_size=self.chunk_size,
+            subset=subset,
+            grad_scale=1.0 / self.accumulation_steps,
+            generator=self.generator,
+            device=engine.state.device,
+            autocast=bool(engine.amp),
+            loss_scaler=engine.scaler.scale if engine.scaler is not None else None,
+            encoder_grads=self.encoder_optimizer is not None,
+            non_blocking=engine.non_blocking,
+        )
+
+    def _publish_outputs(self, engine: SurrogateE2ETrainer, result: dict) -> None:
+        """Set ``engine.state.output`` from the step's result; fire FORWARD_COMPLETED, add the loss, fire
+        LOSS_COMPLETED."""
         pred, lab, idx, loss = self._patch_outputs(result)
         engine.state.output = {
             Keys.IMAGE: result.get("canvas"),
@@ -639,44 +765,40 @@ class SurrogateE2ETrainer(Trainer):
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
+    def _record_outcome(self, engine: SurrogateE2ETrainer, result: dict) -> None:
+        """Count a non-finite or empty slide, or mark the window as holding gradients."""
         if not result["finite"]:
-            loss_ok = bool(torch.isfinite(result["loss"]))
-            if engine.scaler is not None and loss_ok:
-                engine.scaler.update(engine.scaler.get_scale() * engine.scaler.get_backoff_factor())
-                engine.state.amp_overflow_skipped += 1
-                engine.logger.info(
-                    "iteration %d: mixed-precision gradient overflow, scale backed off", engine.state.iteration
-                )
-            elif self.nonfinite == "raise":
-                raise NonFiniteLossError(
-                    f"iteration {engine.state.iteration}: non-finite {result['nonfinite_reason']} "
-                    f"(loss {float(result['loss'])}); set nonfinite='skip' to skip such slides."
-                )
-            else:
-                engine.state.nonfinite_skipped += 1
-                engine.logger.warning(
-                    "iteration %d: non-finite %s (loss %s), slide skipped (%d so far)",
-                    engine.state.iteration,
-                    result["nonfinite_reason"],
-                    float(result["loss"]),
-                    engine.state.nonfinite_skipped,
-                )
+            self._handle_nonfinite(engine, result)
         elif result["skipped"]:
             engine.state.empty_skipped += 1
             engine.logger.debug("iteration %d: no labelled patch on the canvas, skipped", engine.state.iteration)
         else:
             self._window_has_grads = True
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
-        if should_step:
-            if self._window_has_grads:
-                self._step()
-            self._zero_grad()
-            self._window_has_grads = False
-        if self.decollate:
-            engine.state.output = [engine.state.output]
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+    def _handle_nonfinite(self, engine: SurrogateE2ETrainer, result: dict) -> None:
+        """A NaN/inf loss or gradient: back off the AMP scale on an overflow (finite loss under a scaler), else raise
+        (``nonfinite="raise"``) or count and skip the slide."""
+        loss_ok = bool(torch.isfinite(result["loss"]))
+        if engine.scaler is not None and loss_ok:
+            engine.scaler.update(engine.scaler.get_scale() * engine.scaler.get_backoff_factor())
+            engine.state.amp_overflow_skipped += 1
+            engine.logger.info(
+                "iteration %d: mixed-precision gradient overflow, scale backed off", engine.state.iteration
+            )
+        elif self.nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"iteration {engine.state.iteration}: non-finite {result['nonfinite_reason']} "
+                f"(loss {float(result['loss'])}); set nonfinite='skip' to skip such slides."
+            )
+        else:
+            engine.state.nonfinite_skipped += 1
+            engine.logger.warning(
+                "iteration %d: non-finite %s (loss %s), slide skipped (%d so far)",
+                engine.state.iteration,
+                result["nonfinite_reason"],
+                float(result["loss"]),
+                engine.state.nonfinite_skipped,
+            )
 
 
 class StartValidationHandler:
