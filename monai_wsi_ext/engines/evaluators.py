@@ -11,7 +11,6 @@ from monai.utils.enums import CommonKeys as Keys
 
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.model.canvas import IGNORE_INDEX
-from monai_wsi_ext.model.predict import CanvasInferer
 from monai_wsi_ext.prep.grid import PatchLabel
 
 __all__ = ["tumor_probability", "labelled_cells", "labelled_patches", "SlideEvaluator"]
@@ -76,29 +75,19 @@ class SlideEvaluator(SupervisedEvaluator):
     Args:
         device: compute device.
         val_data_loader: loader of slide items, ``batch_size=1``, ``collate_fn=slide_collate``.
-        network: the canvas U-Net (the encoder in ``classifier`` mode).
-        inferer: a slide inferer; when None, a :class:`CanvasInferer` over ``encoder`` is built with
-            ``canvas_size``, ``canvas_mode``, ``batch_size`` (end-to-end validation: the current encoder).
-        encoder: patch encoder, with ``inferer=None``.
-        unet: alias of ``network``.
-        canvas_size, canvas_mode, batch_size: see :class:`CanvasInferer`, with ``inferer=None``.
-        postprocessing: post-transform of the output; with ``inferer=None`` defaults to :func:`labelled_patches`.
+        network: the canvas U-Net (the encoder in ``classifier`` mode); the inferer uses it.
+        inferer: the slide inferer (a :class:`CanvasInferer`; end-to-end validation gives one over the current
+            encoder and :func:`labelled_patches` as ``postprocessing``).
+        postprocessing: post-transform of the output.
         on_failure: ``raise`` (validation: a slide that cannot be evaluated stops the run) or ``skip``
             (inference: record it and go on).
         kwargs: passed to MONAI's ``SupervisedEvaluator`` (key_val_metric, val_handlers, ...).
     """
 
-    def __init__(self, device, val_data_loader, network=None, inferer=None, encoder=None, unet=None,
-                 canvas_size: int = 512, canvas_mode: str = "slide", batch_size: int = 64, postprocessing=None,
-                 on_failure: str = "raise", **kwargs):
+    def __init__(self, device, val_data_loader, network, inferer, postprocessing=None, on_failure: str = "raise",
+                 **kwargs):
         if on_failure not in ("raise", "skip"):
             raise ConfigError(f"`on_failure` must be 'raise' or 'skip', got {on_failure!r}.")
-        network = network if network is not None else unet
-        if inferer is None:
-            if encoder is None or network is None:
-                raise ConfigError("SlideEvaluator needs an `inferer`, or an `encoder` and a `network`/`unet`.")
-            inferer = CanvasInferer(encoder, canvas_size, canvas_mode, batch_size, channels_last=False)
-            postprocessing = postprocessing if postprocessing is not None else labelled_patches
         kwargs.setdefault("decollate", False)
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, inferer=inferer,
                          prepare_batch=_slide_batch, postprocessing=postprocessing, **kwargs)
