@@ -333,3 +333,19 @@ def test_slide_patch_source_matches_read_region(synthetic_slide):
     first = next(iter(kept.iter_batches(batch_size=4)))
     assert first[0].tolist() == [0, 1, 2, 3]
     kept.close()
+
+
+def test_thumbnail_is_decoded_once_per_open_slide(synthetic_slide, monkeypatch):
+    """Tissue detection and the heatmap overlay of a slide ask for the same thumbnail: one decode, two copies."""
+    from monai_wsi_ext.io.wsi import Slide, open_slide
+
+    calls = []
+    real = Slide._read_level
+    monkeypatch.setattr(Slide, "_read_level", lambda self, *a: calls.append(a) or real(self, *a))
+    with open_slide(synthetic_slide) as slide:
+        first, ds1 = slide.thumbnail(max_size=512)
+        first[:] = 0  # a caller's edit does not reach the next caller
+        second, ds2 = slide.thumbnail(max_size=512)
+        assert len(calls) == 1 and ds1 == ds2 and second.any()
+        slide.thumbnail(max_size=256)
+        assert len(calls) == 2

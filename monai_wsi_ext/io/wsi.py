@@ -299,6 +299,7 @@ class Slide:
         self.backend = backend
         self.reader = reader
         self.handle = handle
+        self._thumbnail_memo: tuple[tuple, np.ndarray] | None = None  # the last thumbnail read, see thumbnail()
         self.level_count = int(reader.get_level_count(handle))
         self.level_dimensions: list[tuple[int, int]] = []
         self.level_downsamples: list[float] = []
@@ -475,12 +476,18 @@ class Slide:
         Returns:
             ``(image, downsample)`` where ``downsample`` is level-0 width over the image width.
 
+        The last thumbnail is kept while the slide is open: tissue detection and the heatmap overlay of one slide
+        (both 2048 px by default) decode it once; every call gets its own copy.
+
         Raises:
             WSIReadError: the read would exceed the budget (the message names the file and its levels), or it
                 timed out (:class:`SlideTimeoutError`).
         """
         level, factor, (out_h, out_w), downsample = self.thumbnail_geometry(max_size, level, max_read_pixels)
-        return self._read_level(level, factor, out_h, out_w), downsample
+        key = (level, factor, out_h, out_w)
+        if self._thumbnail_memo is None or self._thumbnail_memo[0] != key:
+            self._thumbnail_memo = (key, self._read_level(level, factor, out_h, out_w))
+        return self._thumbnail_memo[1].copy(), downsample
 
     def thumbnail_geometry(self, max_size: int = 2048, level: int | None = None,
                            max_read_pixels: int | None = None) -> tuple[int, int, tuple[int, int], float]:
@@ -532,6 +539,7 @@ class Slide:
         return out
 
     def close(self) -> None:
+        self._thumbnail_memo = None
         close = getattr(self.handle, "close", None)
         if callable(close):
             close()
