@@ -398,3 +398,10 @@ def test_multi_gpu_encoder_overlay_resumes_in_one_process(tiny, tmp_path, monkey
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # ignite.distributed keeps its native (torch.distributed) model after the group is gone: later tests in this
+        # process would then call get_rank() on a destroyed group; back to the serial model
+        import ignite.distributed as idist
+        from ignite.distributed.comp_models.base import _SerialModel
+
+        idist.utils._set_model(_SerialModel())
+        assert idist.get_rank() == 0 and idist.get_world_size() == 1
