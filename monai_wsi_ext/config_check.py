@@ -45,7 +45,8 @@ from typing import Any
 
 from monai_wsi_ext.errors import ConfigError
 
-__all__ = ["install_error_hook", "package_error", "check_cli_overrides", "check_overrides", "parse_bundle_argv", "known_ids"]
+__all__ = ["check_cli_overrides", "check_overrides", "parse_bundle_argv", "known_ids", "install_error_hook",
+           "package_error"]
 
 #: subcommands of ``python -m monai.bundle`` whose extra ``--key value`` pairs are config overrides
 RUN_COMMANDS = ("run", "run_workflow")
