@@ -37,16 +37,13 @@ The pyramid writer, the truth-file writer and the record builder are :mod:`~mona
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +55,9 @@ from monai_wsi_ext.io.annotations import (AnnotationLabel, AnnotationPolygon, ra
                                          write_qupath_geojson)
 from monai_wsi_ext.io.atomic import atomic_path, write_json_atomic
 from monai_wsi_ext.testing import synthetic
-from monai_wsi_ext.testing.synthetic import (SyntheticSlideConfig, _hash01, _noise_grid, _noise_points, _record, _rng,
-                                             _save_npz_deterministic, _write_pyramid, sidecar_paths)
+from monai_wsi_ext.testing.synthetic import (_E_OD, _H_OD, _SPLITS, SyntheticSlideConfig, _hash01, _noise_grid,
+                                             _noise_points, _record, _rng, _save_npz_deterministic, _write_pyramid,
+                                             sidecar_paths)
 
 __all__ = [
     "FAMILIES",
@@ -79,11 +77,7 @@ logger = logging.getLogger(__name__)
 FAMILIES = ("synthetic", "texture", "cells")
 #: the classes of the CRC patches (file-name prefixes)
 TEXTURE_CLASSES = ("ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
-_SPLITS = ("train", "val", "test")
 _FAMILY_SALT = {"texture": 0x7E37, "cells": 0xCE11}
-_H_OD = np.array([0.5626, 0.7201, 0.4062])
-_E_OD = np.array([0.2159, 0.8012, 0.5581])
-_WRITER_LOCK = threading.Lock()
 
 
 def default_source_dir() -> Path:
@@ -113,19 +107,6 @@ def _check_pair(owner: str, name: str, value: Any, low: float, high: float) -> N
 
 def _to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
-@contextlib.contextmanager
-def _renderer_installed(renderer: Any) -> Iterator[None]:
-    """Make :func:`synthetic._write_pyramid` take its level-0 tiles from ``renderer`` (it builds
-    ``synthetic._Renderer(model)``); the writer itself is reused unchanged."""
-    with _WRITER_LOCK:
-        original = synthetic._Renderer
-        synthetic._Renderer = lambda model: renderer  # noqa: ARG005 - the model is the renderer's own
-        try:
-            yield
-        finally:
-            synthetic._Renderer = original
 
 
 @dataclass
@@ -160,8 +141,9 @@ def _write_slide_files(path: Path, seed: int, wcfg: SyntheticSlideConfig, backgr
     paths = sidecar_paths(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     renderer = _BandRenderer(render_band, wcfg.tile_size, wcfg.width)
-    with atomic_path(path) as tmp, _renderer_installed(renderer):
-        _write_pyramid(Path(tmp), _WriterModel(cfg=wcfg, background=np.asarray(background_od, np.float32)))
+    with atomic_path(path) as tmp:
+        _write_pyramid(Path(tmp), _WriterModel(cfg=wcfg, background=np.asarray(background_od, np.float32)),
+                       renderer=renderer)
     write_asap_xml(paths["asap_xml"], polygons)
     write_qupath_geojson(paths["geojson"], polygons)
     with atomic_path(paths["truth"]) as tmp:

@@ -644,14 +644,17 @@ def _down2(band: np.ndarray) -> np.ndarray:
     return ((s + 2) // 4).astype(np.uint8)
 
 
-def _write_pyramid(path: Path, model: _SlideModel) -> list[tuple[int, int]]:
-    """Write the pyramidal TIFF to ``path`` (already a temporary name) tile by tile."""
+def _write_pyramid(path: Path, model: _SlideModel, renderer=None) -> list[tuple[int, int]]:
+    """Write the pyramidal TIFF to ``path`` (already a temporary name) tile by tile.
+
+    ``renderer`` gives the level-0 tiles (``render_tile(x0, y0, size)``); by default this generator's
+    ``_Renderer(model)`` (the other slide families pass their own)."""
     import tifffile
 
     cfg = model.cfg
     size = cfg.tile_size
     shapes = pyramid_shapes(cfg.width, cfg.height, cfg.max_top_level_size, cfg.min_levels)
-    renderer = _Renderer(model)
+    renderer = _Renderer(model) if renderer is None else renderer
     fill = np.clip(255.0 * np.exp(-model.background) + 0.5, 0, 255).astype(np.uint8)
 
     def level0_tiles(sink) -> Iterator[np.ndarray]:
