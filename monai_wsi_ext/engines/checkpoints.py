@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
+from monai_wsi_ext.io.atomic import AtomicWriteError, atomic_path
 
 __all__ = [
     "CheckpointWriteError",
@@ -87,34 +87,23 @@ def _tmp_prefix(path: Path) -> str:
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)``, atomically: the file under ``path`` is the old one or the complete new one.
 
+    The bytes are serialised in memory first (a serialisation error touches no file), then written through
+    :func:`monai_wsi_ext.io.atomic.atomic_path` (temporary ``.<name>.XXXXXXXX.tmp`` in the same folder, fsync,
+    rename, removed on any error); the folder is fsynced after the rename, and temporaries of this checkpoint
+    left by a kill during an earlier save are removed.
+
     Raises:
         CheckpointWriteError: the file could not be written (the message names ``path`` and the OS reason).
     """
     path = Path(path)
     buf = io.BytesIO()
     torch.save(obj, buf)  # serialisation errors surface here, before any file is touched
-    data = buf.getbuffer()
-    tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp makes 0600 files: give the checkpoint a plain open()'s permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except OSError as e:
-        raise CheckpointWriteError(path, e) from e
-    finally:
-        del data
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path, suffix=".tmp") as tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+            f.write(buf.getbuffer())
+    except AtomicWriteError as e:
+        raise CheckpointWriteError(path, OSError(e.errno, e.reason)) from e
+    _fsync_dir(path.parent)
     for stale in path.parent.glob(f"{glob.escape(_tmp_prefix(path))}*.tmp"):  # left by a kill during a save
         stale.unlink(missing_ok=True)
     return path
