@@ -250,3 +250,18 @@ def test_inference_on_new_slides_honours_the_slide_timeout(synthetic_dataset):
     assert "error" in late and "SlideTimeoutError" in late["error"] and image in late["error"]
     ok = SlideDataset(slides=[image], prepare={"patch_size": 64, "slide_timeout_s": 600})[0]
     assert "error" not in ok and len(ok["prepared"].grid) > 0
+
+
+def test_unknown_prepare_setting_is_named():
+    """A mistyped key in a ``prepare`` section (an overlay, or ``--prepare#tumour_threshold``) is a ConfigError
+    listing the known settings, in prepare.json, prepare_dataset.py and inference alike (was a TypeError)."""
+    from monai_wsi_ext.errors import ConfigError
+    from monai_wsi_ext.inference.slides import SlideDataset
+    from monai_wsi_ext.prep.prepare import prepare_config
+
+    with pytest.raises(ConfigError, match="tumour_threshold.*tumor_threshold"):
+        prepare_config({"tumour_threshold": 0.3})
+    with pytest.raises(ConfigError, match="tumour_threshold"):
+        SlideDataset(slides=[str(REPO / "none.tif")], prepare={"tumour_threshold": 0.3})
+    cfg = PrepareConfig(patch_size=64)
+    assert prepare_config(cfg) is cfg and prepare_config(None) == PrepareConfig()

@@ -8,6 +8,7 @@ pieces from Python (the exported-model path, the Deploy application and the benc
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from monai_wsi_ext.io.wsi import SlideReader
 from monai_wsi_ext.model.predict import CanvasInferer
 from monai_wsi_ext.outputs.handlers import HeatmapWriter, InferenceSummary
 from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, collect_inputs, load_prepared_slides, \
-    prepare_in_memory, slide_timeout_for
+    prepare_config, prepare_in_memory, slide_timeout_for
 from monai_wsi_ext.utils import resolve_device, split_set
 
 __all__ = ["SlideDataset", "SlideInference"]
@@ -55,7 +56,7 @@ class SlideDataset(Dataset):
                  split: str | Sequence[str] | None = None, prepare: dict | PrepareConfig | None = None,
                  reader: SlideReader | None = None, transform=None, num_workers: int = 2):
         self.reader = reader or SlideReader()
-        cfg = prepare if isinstance(prepare, PrepareConfig) else PrepareConfig(**dict(prepare or {}))
+        cfg = copy.copy(prepare_config(prepare))  # the reader's backend and mpp are set on it below
         if self.reader.mpp is not None:
             cfg.mpp = self.reader.mpp
         cfg.backend = self.reader.backend

@@ -36,7 +36,7 @@ __all__ = ["PrepareConfig", "SlideInput", "PreparedSlide", "reader_mpp", "prepar
            "load_prepared", "load_prepared_slides", "prepare_slide", "prepare_dataset", "collect_inputs",
            "datalist_items",
            "prepared_is_valid", "unmatched_annotations", "label_warnings", "settings_from_bundle",
-           "settings_from_parser", "run_prepare",
+           "settings_from_parser", "prepare_config", "run_prepare",
            "format_summary"]
 
 logger = logging.getLogger(__name__)
@@ -773,9 +773,20 @@ def settings_from_parser(parser) -> PrepareConfig:
     Raises:
         ConfigError: the section has a key that is not a :class:`PrepareConfig` field.
     """
+    return prepare_config(parser.get_parsed_content("prepare"))
+
+
+def prepare_config(settings: PrepareConfig | dict | None) -> PrepareConfig:
+    """A :class:`PrepareConfig` from a config's ``prepare`` section (a dict; a config is returned as is).
+
+    Raises:
+        ConfigError: a key that is not a :class:`PrepareConfig` field, naming the known ones.
+    """
     from dataclasses import fields
 
-    settings = parser.get_parsed_content("prepare")
+    if isinstance(settings, PrepareConfig):
+        return settings
+    settings = dict(settings or {})
     known = sorted(f.name for f in fields(PrepareConfig))
     unknown = sorted(set(settings) - set(known))
     if unknown:
