@@ -146,6 +146,24 @@ def test_demo_schedules_are_overrides_the_training_config_reads(name):
     assert {k: parser.get_parsed_content(k) for k in schedule} == schedule
 
 
+@pytest.mark.parametrize("name", sorted(DEMO_SCHEDULES))
+def test_demo_schedules_by_hand_are_documented(name):
+    """bundle/docs/README.md gives the hand-run commands of the demo: every key of the schedule is passed as a
+    reference into the overlay on the command of the training config it belongs to."""
+    import re
+    import shlex
+
+    doc = (REPO / "bundle" / "docs" / "README.md").read_text()
+    commands = [c.replace("\\\n", " ") for c in re.findall(r"python -m monai\.bundle run (?:[^\n]*\\\n)*[^\n]*", doc)]
+    config = DEMO_SCHEDULES[name]
+    mine = [c for c in commands if f"$B/{config}" in c and "$D" in c]
+    assert len(mine) == 1, f"no single hand-run demo command for {config} in bundle/docs/README.md"
+    tokens = shlex.split(mine[0])
+    passed = {tokens[i][2:]: tokens[i + 1] for i in range(len(tokens) - 1) if tokens[i].startswith("--")}
+    references = {k: v for k, v in passed.items() if v.startswith(f"@{name}#")}
+    assert references == {k: f"@{name}#{k}" for k in _overlay()[name]}
+
+
 def test_demo_schedule_values():
     """The demo's schedules as they were hard-coded in run_demo.py (same metrics on the same seeds)."""
     overlay = _overlay()
