@@ -171,6 +171,35 @@ def _merge(preset: dict, overrides: dict) -> dict:
     return cfg
 
 
+def _out_of_fold_features(cfg: dict, sd: Path, prepared: Path, stage) -> Path:
+    """The canvas U-Net's training features out of fold (preset ``canvas.out_of_fold: k``, see
+    :mod:`monai_wsi_ext.testing.out_of_fold`): per fold an encoder trained on the other folds' training slides (same
+    schedule and validation slides) encodes the fold's slides; the validation slides keep the features of the encoder
+    trained on all training slides (``<output_dir>/features``, extracted before). Returns the assembled folder."""
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
+    from monai_wsi_ext.testing.out_of_fold import assemble_features, assign_folds, subset_prepared
+
+    e, k = cfg["encoder"], int(cfg["canvas"]["out_of_fold"])
+    train = [m.slide_id for m in load_prepared_slides(prepared, "training")]
+    val = [m.slide_id for m in load_prepared_slides(prepared, "validation")]
+    sources = {sid: sd / "bundle" / "features" for sid in val}
+    for i, fold in enumerate(assign_folds(train, k)):
+        rest = [sid for sid in train if sid not in fold]
+        fold_dir = sd / f"oof_{i}"
+        stage(f"out-of-fold {i}/{k}: train encoder", ["train_encoder.json"],
+              dataset_dir=str(subset_prepared(prepared, fold_dir / "prepared_train", rest + val)),
+              ckpt_dir=str(fold_dir / "models"), output_dir=str(fold_dir / "bundle"),
+              max_epochs=int(e["max_epochs"]), batch_size=int(e["batch_size"]),
+              learning_rate=float(e["learning_rate"]), samples_per_epoch=e.get("samples_per_epoch"),
+              **e.get("overrides", {}))
+        stage(f"out-of-fold {i}/{k}: extract features", ["extract_features.json"],
+              dataset_dir=str(subset_prepared(prepared, fold_dir / "prepared_fold", fold)),
+              ckpt_dir=str(fold_dir / "models"), output_dir=str(fold_dir / "bundle"),
+              feature_dir=str(fold_dir / "features"))
+        sources.update({sid: fold_dir / "features" for sid in fold})
+    return assemble_features(sd / "bundle" / "features_oof", sources)
+
+
 def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, timings: dict,
               others: dict[str, tuple[Path, Path]] | None = None) -> dict[str, dict[str, Path]]:
     """Train and predict every method for one seed, on the training family's test split and on the test split of
@@ -206,9 +235,12 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
     if {"separate", "e2e"} & set(methods):
         c = cfg["canvas"]
         stage("extract features", ["extract_features.json"])
+        canvas_features = {}
+        if int(c.get("out_of_fold") or 0):
+            canvas_features = {"feature_dir": str(_out_of_fold_features(cfg, sd, prepared, stage))}
         stage("train canvas U-Net", ["train_canvas.json"], max_epochs=int(c["max_epochs"]),
               batch_size=int(c["batch_size"]), samples_per_slide=int(c["samples_per_slide"]),
-              learning_rate=float(c["learning_rate"]), **c.get("overrides", {}))
+              learning_rate=float(c["learning_rate"]), **canvas_features, **c.get("overrides", {}))
         predict["separate"] = (["inference.json"], {"mode": "canvas"})
         stage("separate heatmaps", predict["separate"][0], heatmap_dir=str(hm / "separate"), **predict["separate"][1])
         out["separate"] = hm / "separate"
