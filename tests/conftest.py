@@ -113,3 +113,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def mixed_dataset(tmp_path_factory) -> dict:
+    """Twenty 1024 x 1024 generated slides at 0.5 µm/px, half of each split tumor-free (8 training, 4 validation,
+    8 test; :func:`monai_wsi_ext.testing.slide_sets.generate_mixed_dataset`, seed 5), prepared with 64 px patches,
+    for the slide-level methods and the hierarchical pipeline (about 12 s): ``{"root", "manifest", "prepared",
+    "labels" (slide id -> 1 tumor / 0 tumor-free), "overrides"}``."""
+    from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
+    from monai_wsi_ext.testing.slide_sets import generate_mixed_dataset
+
+    root = tmp_path_factory.mktemp("mixed")
+    manifest = generate_mixed_dataset(root / "data", n_train=8, n_val=4, n_test=8, seed=5, width=1024, height=1024,
+                                      patch_size=64, n_lumps=2, truth_downsample=4)
+    summary = prepare_dataset(collect_inputs(manifest=manifest), root / "prepared",
+                              PrepareConfig(patch_size=64, thumbnail_max_size=512), progress=False)
+    assert not summary["failed"]
+    labels = {r["id"]: int(not r["tumor_free"]) for r in json.loads(Path(manifest).read_text())["slides"]}
+    overrides = {"dataset_dir": str(root / "prepared"), "output_dir": str(root / "out"),
+                 "ckpt_dir": str(root / "models"), "num_workers": 0}
+    return {"root": root, "manifest": Path(manifest), "prepared": root / "prepared", "labels": labels,
+            "overrides": overrides}

@@ -460,6 +460,7 @@ def evaluate_heatmaps(
     patient_pattern: str = r"^(patient_\d+)_node_\d+",
     write: bool = True,
     on_incomplete: str = "skip",
+    slide_predictions: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every heatmap of a folder; write the per-slide and overall metrics.
 
@@ -495,6 +496,12 @@ def evaluate_heatmaps(
         patient_pattern: regular expression whose first group is the patient id of a slide id.
         write: write the three files.
         on_incomplete: ``"skip"`` incomplete slide folders (warned and listed) or make them an ``"error"``.
+        slide_predictions: slide-level methods to score on the same slides and labels: ``slide_scores*.json``
+            files or folders holding them (:mod:`monai_wsi_ext.slidecls.scores`: the slide CNN, heatmap
+            aggregation, ...). ``overall["slide_methods"]`` then has, per method and for ``heatmap_max`` (the
+            heatmap's own slide score at ``threshold``), the slide ROC-AUC, accuracy, sensitivity and
+            specificity (:func:`monai_wsi_ext.slidecls.scores.slide_score_metrics`) over the evaluated slides the
+            method scored, and the slides it did not score.
 
     Returns:
         ``{"overall": {...}, "per_slide": [...], "files": {...}}``.
@@ -586,6 +593,11 @@ def evaluate_heatmaps(
                                for p in sorted(pred_pat)}
         overall["kappa"] = (M.quadratic_kappa([ref[p] for p in both], [pred_pat[p]["stage"] for p in both])
                             if both else float("nan"))
+    scored = [r for r in per_slide if r.get("slide_score") is not None]
+    overall["slide_accuracy"] = (float(np.mean([(r["slide_score"] > threshold) == bool(r["slide_label"])
+                                                for r in scored])) if scored else float("nan"))
+    if slide_predictions is not None:
+        overall["slide_methods"] = _slide_methods(per_slide, slide_predictions, threshold)
     rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in per_slide]
     result: dict[str, Any] = {"overall": json_clean(overall), "per_slide": json_clean(rows), "files": {}}
     if write:
@@ -602,6 +614,26 @@ def evaluate_heatmaps(
                     _fmt(overall.get("pooled_accuracy")), _fmt(overall.get("pooled_pr_auc")),
                     overall["total_tumor_points"], files["overall_json"])
     return result
+
+
+def _slide_methods(per_slide: Sequence[Mapping[str, Any]], predictions, threshold: float) -> dict[str, Any]:
+    """Slide ROC-AUC and accuracy of the heatmap's maximum and of each slide-level method's scores."""
+    from monai_wsi_ext.slidecls.scores import find_slide_scores, slide_score_metrics
+
+    labels = {r["slide_id"]: int(r["slide_label"]) for r in per_slide}
+    heat = {r["slide_id"]: float(r["slide_score"]) for r in per_slide if r.get("slide_score") is not None}
+    out: dict[str, Any] = {"heatmap_max": {**slide_score_metrics([heat[s] for s in heat], [labels[s] for s in heat],
+                                                                 threshold), "missing": sorted(set(labels) - set(heat))}}
+    for method in find_slide_scores(predictions):
+        ids = [s for s in labels if s in method.scores]
+        row = slide_score_metrics([method.scores[s] for s in ids], [labels[s] for s in ids], method.threshold,
+                                  [int(method.preds[s] != 0) for s in ids])
+        row.update(missing=sorted(set(labels) - set(ids)), file=method.path)
+        if row["missing"]:
+            logger.warning("slide method %s: no score for %d evaluated slide(s) %s", method.method,
+                           len(row["missing"]), row["missing"][:5])
+        out[method.method] = row
+    return out
 
 
 def _fmt(v: Any) -> str:
