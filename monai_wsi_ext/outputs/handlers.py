@@ -218,6 +218,12 @@ class FeatureWriter:
             self._key = encoder_key(self.encoder, self.checkpoint, self.transform_desc)
         return hashlib.sha256(f"{self._key}:{_table_sha(prepared)}".encode()).hexdigest()
 
+    def is_up_to_date(self, prepared) -> bool:
+        """Whether ``prepared``'s feature file exists and holds this encoder's and transform's ``cache_key`` for its
+        patch table (the slide would get ``skip="unchanged"``; a distributed run leaves such slides out of its
+        shards, :class:`~monai_wsi_ext.distributed.ShardedSlideDataset`)."""
+        return self._holds(self.output_dir / f"{prepared.slide_id}.npz", self.cache_key(prepared))
+
     @staticmethod
     def _holds(path: Path, cache_key: str) -> bool:
         if not path.exists():
