@@ -74,3 +74,33 @@ def test_train_encoder_config_passes_the_options():
     aug = parser.get_parsed_content("train#preprocessing")
     aug = getattr(aug, "main", aug)
     assert (aug.colour_shift, aug.colour_scale, aug.colour_space) == (0.05, 0.1, "hed")
+
+
+def test_e2e_replays_the_colour_augmentation(prepared_dataset):
+    """The end-to-end step reads each patch twice (canvas pass, gradient pass): with the colour augmentation on,
+    the same per-patch seeds give identical pixels on every read, and ``train_e2e.json`` passes the options."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from monai_wsi_ext.data.patches import E2ESlideDataset
+
+    prepared, _ = prepared_dataset
+    colour = {"colour_shift": 0.05, "colour_scale": 0.2, "colour_space": "hed"}
+    item = E2ESlideDataset(str(prepared), split="training", crop_size=56, backend="cucim", num_workers=0,
+                           **colour)[0]
+    plain = E2ESlideDataset(str(prepared), split="training", crop_size=56, backend="cucim", num_workers=0)[0]
+    index, seeds = torch.arange(8), torch.arange(100, 108)
+    first = item["patch_source"].load(index, seeds)
+    again = item["patch_source"].load(index, seeds)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, plain["patch_source"].load(index, seeds))  # the colour change is applied
+    assert not torch.equal(first, item["patch_source"].load(index, seeds + 1))
+    with pytest.raises(ConfigError, match="colour_space"):
+        E2ESlideDataset(str(prepared), split="training", colour_space="lab")
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "common.json"), str(configs / "train_e2e.json")])
+    parser.update({**colour, "dataset_dir": str(prepared)})
+    assert parser.get_parsed_content("train#dataset").colour == colour

@@ -634,22 +634,29 @@ class E2ESlideDataset(Dataset):
         augment: the paper's augmentation (replayed from per-patch seeds) or the eval transform.
         stain_normalize: Macenko normalisation.
         backend: slide reader backend.
+        num_workers: decoder threads of the batched patch reads.
+        colour_shift, colour_scale, colour_space: the per-channel colour augmentation of :class:`PaperAugment`
+            (with ``augment``), replayed from the same per-patch seeds as the rest of the augmentation, so the
+            end-to-end step's two passes see identical pixels.
     """
 
     def __init__(self, prepared_dir: str, split: str | Sequence[str] | None = "training", crop_size: int | None = 224,
-                 augment: bool = True, stain_normalize: bool = False, backend: str = "auto", num_workers: int = 2):
+                 augment: bool = True, stain_normalize: bool = False, backend: str = "auto", num_workers: int = 2,
+                 colour_shift: float = 0.0, colour_scale: float = 0.0, colour_space: str = "rgb"):
         self.slides = [m for m in load_prepared_slides(prepared_dir, split) if len(m.grid) > 0]
         if not self.slides:
             raise MonaiWsiExtError(f"{prepared_dir}: no prepared slides with patches for split {split!r}")
         self.crop_size, self.augment, self.stain_normalize = crop_size, augment, stain_normalize
         self.backend, self.num_workers = backend, num_workers
+        self.colour = {"colour_shift": colour_shift, "colour_scale": colour_scale, "colour_space": colour_space}
+        make_patch_transform(self.augment, self.crop_size, **self.colour)  # bad colour settings fail here
 
     def __len__(self) -> int:
         return len(self.slides)
 
     def __getitem__(self, index: int) -> dict:
         prepared = self.slides[index]
-        transform = make_patch_transform(self.augment, self.crop_size, self.stain_normalize)
+        transform = make_patch_transform(self.augment, self.crop_size, self.stain_normalize, **self.colour)
         return slide_item(prepared, SlidePatchSource.from_prepared(prepared, transform, self.backend, self.num_workers))
 
 
