@@ -123,6 +123,8 @@ class SlideInference:
         weight_files: name -> file of the weights in use, for the record's checksums, when the networks come
             loaded (e.g. exported files) rather than from the checkpoints.
         itk_format: also write the map as an ITK image (``nrrd``/``mha``).
+        dicom_seg, dicom_annotations: DICOM outputs for DICOM slides (see
+            :class:`~monai_wsi_ext.outputs.handlers.HeatmapWriter`).
     """
 
     def __init__(self, output_dir: str, encoder: torch.nn.Module, unet: torch.nn.Module | None = None,
@@ -132,7 +134,7 @@ class SlideInference:
                  mode: str = "canvas", threshold: float = 0.5, device="auto", batch_size: int = 64,
                  crop_size: int | None = 224, backend: str = "auto", channels_last: bool = True,
                  stain_normalize: bool = False, config: dict | None = None, weight_files: dict | None = None,
-                 itk_format: str | None = None):
+                 itk_format: str | None = None, dicom_seg: str | list | None = None, dicom_annotations: bool = False):
         if mode not in ("canvas", "classifier"):
             raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
         if mode == "canvas" and unet is None:
@@ -145,7 +147,8 @@ class SlideInference:
         prepare.setdefault("backend", backend)
         self.writer = HeatmapWriter(output_dir, threshold, config=config,
                                     weights={"encoder": encoder_checkpoint, "unet": unet_checkpoint,
-                                             **(weight_files or {})}, itk_format=itk_format, backend=backend)
+                                             **(weight_files or {})}, itk_format=itk_format, backend=backend,
+                                    dicom_seg=dicom_seg, dicom_annotations=dicom_annotations)
         self.dataset_args = dict(slides=slides, manifest=manifest, prepared_dir=prepared_dir, split=split,
                                  prepare=prepare, reader=SlideReader(backend=prepare["backend"], mpp=prepare.get("mpp")),
                                  transform=make_patch_transform(False, crop_size, stain_normalize))

@@ -35,6 +35,7 @@ from monai.data import CuCIMWSIReader, OpenSlideWSIReader
 from monai.utils import optional_import
 
 from monai_wsi_ext.errors import ConfigError, WSIReadError
+from monai_wsi_ext.io.dicom import is_dicom_file, is_dicom_slide
 
 __all__ = ["BACKENDS", "Slide", "SlideReader", "SlideTimeoutError", "TiffSlideWSIReader", "open_slide",
            "available_backends", "slide_timeout", "check_slide_timeout", "validate_mpp", "MAX_READ_PIXELS",
@@ -292,6 +293,8 @@ class Slide:
         mpp: level-0 microns per pixel, or None when the file does not say and the caller did not state it.
         mpp_source: ``file``, ``user`` or ``none``.
         warnings: problems worth a line in a run's summary (no mpp, an implausible mpp in the file), as text.
+        dicom: the :class:`~monai_wsi_ext.io.dicom.WsiSeries` of a DICOM slide (its UIDs, level-0 instance),
+            else None.
     """
 
     def __init__(self, path: Path, backend: str, reader, handle, mpp: float | None = None):
@@ -300,6 +303,7 @@ class Slide:
         self.reader = reader
         self.handle = handle
         self._thumbnail_memo: tuple[tuple, np.ndarray] | None = None  # the last thumbnail read, see thumbnail()
+        self.dicom = None  # the DICOM WSI series (monai_wsi_ext.io.dicom.WsiSeries) of a DICOM slide
         self.level_count = int(reader.get_level_count(handle))
         self.level_dimensions: list[tuple[int, int]] = []
         self.level_downsamples: list[float] = []
@@ -540,6 +544,9 @@ class Slide:
 
     def close(self) -> None:
         self._thumbnail_memo = None
+        if getattr(self, "_closed", False):  # a second close (slide and patch source share it) would fail in OpenSlide
+            return
+        self._closed = True
         close = getattr(self.handle, "close", None)
         if callable(close):
             close()
@@ -588,11 +595,59 @@ def _try_backend(path: Path, backend: str, mpp: float | None) -> Slide:
     return slide
 
 
+def _open_dicom(path: Path, backend: str, mpp: float | None) -> Slide:
+    """A DICOM WSI series (a folder, or one of its instance files) through OpenSlide, whatever ``backend`` says
+    (cuCIM 23.10 and tiffslide do not read DICOM), with the mpp from the level-0 instance's Pixel Spacing."""
+    from monai_wsi_ext.io.dicom import resolve_wsi_series
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"`backend` must be 'auto' or one of {BACKENDS}, got {backend!r}.")
+    try:
+        series = resolve_wsi_series(path)
+    except ConfigError as e:  # pydicom missing: this slide fails, a batch goes on
+        raise WSIReadError(path, str(e)) from e
+    if not optional_import("openslide")[1]:
+        raise WSIReadError(path, "a DICOM WSI is read with OpenSlide >= 4, which is not installed "
+                                 "(openslide-python and openslide-bin)")
+    if backend not in ("auto", "openslide"):
+        logger.info("%s: DICOM WSI read with OpenSlide (backend %r does not read DICOM)", path, backend)
+    check_slide_timeout(path, "opening it with openslide")
+    try:
+        slide = _try_backend(series.level0.path, "openslide", mpp)
+    except SlideTimeoutError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        reason = e.reason if isinstance(e, WSIReadError) else f"{type(e).__name__}: {e}"
+        raise WSIReadError(path, f"OpenSlide cannot read DICOM WSI series {series.series_uid} "
+                                 f"({series.level0.path.name}): {reason}") from e
+    slide.path, slide.dicom = path, series
+    if tuple(slide.dimensions) != tuple(series.dimensions):
+        slide.close()
+        raise WSIReadError(path, f"OpenSlide reads level 0 as {slide.dimensions} px but the DICOM total pixel matrix "
+                                 f"of {series.level0.path.name} is {series.dimensions}")
+    if mpp is None and series.mpp_xy is not None:
+        dicom_mpp = (series.mpp_xy[0] + series.mpp_xy[1]) / 2
+        if math.isfinite(dicom_mpp) and 0 < dicom_mpp < 1000:
+            if slide.mpp is not None and abs(slide.mpp - dicom_mpp) > 1e-6 * dicom_mpp:
+                slide.warnings.append(f"OpenSlide reports {slide.mpp} µm/px, the DICOM Pixel Spacing "
+                                      f"{dicom_mpp} µm/px; the Pixel Spacing is used")
+            slide.warnings = [w for w in slide.warnings if not w.startswith("no mpp")]
+            slide.mpp, slide.mpp_source = dicom_mpp, "file"
+    logger.debug("%s: DICOM WSI series %s, level 0 %s, read with OpenSlide", path, series.series_uid,
+                 series.level0.path.name)
+    return slide
+
+
 def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None = None) -> Slide:
     """Open a whole-slide image.
 
+    A DICOM WSI (a folder holding one slide's series, or one instance file of it; see :mod:`monai_wsi_ext.io.dicom`)
+    is always read with OpenSlide (cuCIM 23.10 and tiffslide do not read DICOM; another ``backend`` is logged and
+    not used), its mpp taken from the level-0 instance's Pixel Spacing; the open slide's ``dicom`` is the series.
+
     Args:
-        path: the slide file (SVS, pyramidal or flat TIFF, anything the backends support).
+        path: the slide file (SVS, pyramidal or flat TIFF, anything the backends support), or a DICOM WSI folder or
+            instance file.
         backend: ``auto`` (cuCIM, else OpenSlide, else tiffslide — the first that opens the file and decodes a
             probe region) or a backend name to force one.
         mpp: level-0 microns per pixel, overriding the file's (needed for files without resolution metadata).
@@ -610,8 +665,12 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
         st = path.stat()
     except OSError as e:
         raise WSIReadError(path, _stat_failure(path, e)) from None
+    if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and is_dicom_file(path)):
+        if stat.S_ISDIR(st.st_mode) and not is_dicom_slide(path):
+            raise WSIReadError(path, "not a file (a folder, and it holds no DICOM files of a DICOM slide)")
+        return _open_dicom(path, backend, mpp)
     if not stat.S_ISREG(st.st_mode):
-        raise WSIReadError(path, "not a file" + (" (a folder)" if stat.S_ISDIR(st.st_mode) else ""))
+        raise WSIReadError(path, "not a file")
     if st.st_size == 0:
         raise WSIReadError(path, "empty file")
     if path.suffix.lower() in (".tif", ".tiff", ".svs", ".btf", ".tf8"):

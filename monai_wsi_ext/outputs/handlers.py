@@ -20,9 +20,33 @@ from monai_wsi_ext.model.predict import prob_grid
 from monai_wsi_ext.outputs.writers import write_slide_outputs
 from monai_wsi_ext.utils import file_sha256
 
-__all__ = ["HeatmapWriter", "InferenceSummary", "encoder_key", "FeatureWriter", "FeatureSummary"]
+__all__ = ["HeatmapWriter", "InferenceSummary", "dicom_seg_types", "encoder_key", "FeatureWriter", "FeatureSummary"]
 
 logger = logging.getLogger(__name__)
+
+
+def dicom_seg_types(value: str | list | tuple | None) -> tuple[str, ...]:
+    """The DICOM Segmentation types an option asks for: None/``off``/``""`` -> none, ``both`` -> fractional and
+    binary, a type or a list of types as given.
+
+    Raises:
+        ConfigError: an unknown type.
+    """
+    from monai_wsi_ext.errors import ConfigError
+    from monai_wsi_ext.outputs.dicom import SEG_TYPES
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none", "false")):
+        return ()
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+    kinds = []
+    for v in items:
+        for kind in (SEG_TYPES if v.lower() == "both" else (v.lower(),)):
+            if kind not in SEG_TYPES:
+                raise ConfigError(f"`dicom_seg` must be 'fractional', 'binary', 'both', 'off' or a list of them, got "
+                                  f"{value!r}.")
+            if kind not in kinds:
+                kinds.append(kind)
+    return tuple(kinds)
 
 
 def _item(engine: Engine) -> dict:
@@ -49,13 +73,23 @@ class HeatmapWriter:
         weights: name -> weights file, hashed into the records.
         itk_format: also write the map as an ITK image (``nrrd``/``mha``; needs the ``itk`` extra).
         backend: reader backend for the thumbnail when the slide is not open any more.
+        dicom_seg: for DICOM slides, also the map as DICOM Segmentation(s) on the slide's geometry: ``fractional``,
+            ``binary`` (at ``threshold``), ``both``, or a list; None or ``off``: none. Slides that are not DICOM get
+            no DICOM outputs (their record says why). Needs the ``dicom`` extra (checked here).
+        dicom_annotations: for DICOM slides, also the tumor regions as Microscopy Bulk Simple Annotations.
     """
 
     def __init__(self, output_dir: str, threshold: float = 0.5, thumbnail_size: int = 2048, config: dict | None = None,
-                 weights: dict | None = None, itk_format: str | None = None, backend: str = "auto"):
+                 weights: dict | None = None, itk_format: str | None = None, backend: str = "auto",
+                 dicom_seg: str | list | None = None, dicom_annotations: bool = False):
         self.output_dir, self.threshold, self.thumbnail_size = Path(output_dir), threshold, int(thumbnail_size)
         self.config, self.weights = config, {k: v for k, v in (weights or {}).items() if v}
         self.itk_format, self.backend = itk_format or None, backend
+        self.dicom_seg, self.dicom_annotations = dicom_seg_types(dicom_seg), bool(dicom_annotations)
+        if self.dicom_seg or self.dicom_annotations:  # fail before any slide rather than on every DICOM slide
+            from monai_wsi_ext.outputs.dicom import require_highdicom
+
+            require_highdicom()
         if self.itk_format is not None:  # fail before any slide rather than on every slide
             import importlib.util
 
@@ -91,11 +125,16 @@ class HeatmapWriter:
         try:
             grid = prepared.grid
             pgrid = prob_grid(out[Keys.PRED]["probs"], grid.rows, grid.cols, grid.shape)
-            thumb, thumb_ds = prepared.open(self.backend).thumbnail(max_size=self.thumbnail_size)
+            slide = prepared.open(self.backend)
+            thumb, thumb_ds = slide.thumbnail(max_size=self.thumbnail_size)
+            source = getattr(slide, "dicom", None)
+            if source is None and (self.dicom_seg or self.dicom_annotations):
+                logger.info("%s: not a DICOM slide, so no DICOM outputs (they reference the source slide)", sid)
             written = write_slide_outputs(self.output_dir / sid, sid, pgrid, grid.cell_size, prepared.dimensions,
                                           prepared.mpp, thumb, thumb_ds, threshold=self.threshold,
                                           config=self.config, weights=self.weights, itk_format=self.itk_format,
-                                          labels=grid.label_grid())
+                                          labels=grid.label_grid(), dicom_source=source, dicom_seg=self.dicom_seg,
+                                          dicom_annotations=self.dicom_annotations)
         except (MonaiWsiExtError, OSError, RuntimeError, ValueError) as e:
             engine.state.failed[sid] = f"{type(e).__name__}: {e}"
             logger.error("%s: writing the outputs failed (%s)", sid, e)

@@ -813,6 +813,9 @@ def write_slide_outputs(
     score_method: str = "smoothed_max",
     itk_format: str | None = None,
     labels: np.ndarray | None = None,
+    dicom_source: Any = None,
+    dicom_seg: Sequence[str] = (),
+    dicom_annotations: bool = False,
 ) -> dict:
     """Write every output of one slide under ``out_dir`` with consistent names.
 
@@ -845,10 +848,17 @@ def write_slide_outputs(
             None skips it.
         labels: the grid's ``(H, W)`` integer labels (e.g. ``PatchGrid.label_grid()``: 1 tumor, 0 normal, -1
             nolabel, -2 background), written as ``{slide_id}_labels.npy`` for the evaluation; None skips it.
+        dicom_source: the slide's DICOM WSI series (:class:`~monai_wsi_ext.io.dicom.WsiSeries`) for DICOM outputs;
+            None (a slide that is not DICOM): no DICOM outputs, whatever ``dicom_seg`` asks.
+        dicom_seg: DICOM Segmentations to write (``fractional``, ``binary``) as ``{slide_id}_seg_<type>.dcm``
+            (:func:`monai_wsi_ext.outputs.dicom.write_dicom_seg`).
+        dicom_annotations: also write the tumor regions as ``{slide_id}_tumor_ann.dcm`` (Microscopy Bulk Simple
+            Annotations; not written when there is no region).
 
     Returns:
         ``{"prob_npy", "prob_png", "heatmap_tiff", "overlay_png", "tumor_geojson", "labels_npy", "record_json",
-        "prob_itk"}`` -> Path (or None for a skipped overlay, label grid or ITK image), plus ``slide_score`` (None
+        "prob_itk", "dicom_seg_fractional", "dicom_seg_binary", "dicom_annotations"}`` -> Path (or None for an
+        output not written), plus ``slide_score`` (None
         without tissue), ``status``, ``n_regions`` and ``heatmap_downsample``.
 
     Raises:
@@ -878,6 +888,13 @@ def write_slide_outputs(
         "record_json": out / f"{slide_id}_record.json",
         "prob_itk": out / f"{slide_id}_prob.{itk_format}" if itk_format else None,
     }
+    dicom_note = None
+    if dicom_source is None and (dicom_seg or dicom_annotations):
+        dicom_note, dicom_annotations = "not written: the slide is not DICOM", False
+    dicom_seg = tuple(dicom_seg or ()) if dicom_source is not None else ()
+    for kind in ("fractional", "binary"):
+        paths[f"dicom_seg_{kind}"] = out / f"{slide_id}_seg_{kind}.dcm" if kind in dicom_seg else None
+    paths["dicom_annotations"] = None  # set once there are regions to write
     # the folder is "incomplete" until the new record is written: no old record may vouch for a mix of files, and no
     # output of an earlier run that this one does not write (e.g. a label grid the evaluation would read) stays
     remove_stale_temporaries(out)
@@ -885,6 +902,8 @@ def write_slide_outputs(
     not_written = [out / f"{slide_id}_overlay.png"] if thumbnail is None else []
     not_written += [out / f"{slide_id}_labels.npy"] if label_grid is None else []
     not_written += [out / f"{slide_id}_prob.{fmt}" for fmt in ITK_FORMATS if fmt != itk_format]
+    not_written += [out / f"{slide_id}_seg_{k}.dcm" for k in ("fractional", "binary") if k not in dicom_seg]
+    not_written += [out / f"{slide_id}_tumor_ann.dcm"]
     for old in not_written:
         old.unlink(missing_ok=True)
     write_prob_npy(paths["prob_npy"], arr)
@@ -903,6 +922,14 @@ def write_slide_outputs(
     write_regions_geojson(paths["tumor_geojson"], regions)
     if label_grid is not None:
         write_npy_atomic(paths["labels_npy"], label_grid)
+    if dicom_source is not None and (dicom_seg or dicom_annotations):
+        from monai_wsi_ext.outputs import dicom as dicom_out
+
+        for kind in dicom_seg:
+            dicom_out.write_dicom_seg(paths[f"dicom_seg_{kind}"], arr, cell_size, dicom_source, kind, threshold)
+        if dicom_annotations and regions:
+            paths["dicom_annotations"] = out / f"{slide_id}_tumor_ann.dcm"
+            dicom_out.write_dicom_annotations(paths["dicom_annotations"], regions, dicom_source)
     score = slide_score(arr, method=score_method)
     status = slide_status(arr)
     write_run_record(
@@ -914,6 +941,8 @@ def write_slide_outputs(
                                     "bbox")} for r in regions],
         heatmap_downsample=info.downsample, heatmap_level_sizes=[list(s) for s in info.level_sizes],
         outputs={k: (None if v is None else v.name) for k, v in paths.items()},
+        **({"dicom_source": dicom_source.summary()} if hasattr(dicom_source, "summary") else {}),
+        **({"dicom_outputs": dicom_note} if dicom_note else {}),
     )
     logger.info("Slide %s: score %s (%s), %d tumor region(s), outputs in %s", slide_id,
                 "none (no tissue)" if score is None else f"{score:.4f}", score_method, len(regions), out)

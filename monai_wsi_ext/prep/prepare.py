@@ -29,6 +29,7 @@ from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.prep.grid import PatchGrid, PatchLabel, label_cells, make_grid, read_patch_table, write_patch_table
 from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic
 from monai_wsi_ext.prep.tissue import TissueMask, detect_tissue, save_mask_png
+from monai_wsi_ext.io.dicom import is_dicom_file
 from monai_wsi_ext.io.wsi import Slide, open_slide
 from monai_wsi_ext.utils import file_sha256, split_set
 
@@ -288,6 +289,8 @@ def prepare_in_memory(inp: SlideInput, cfg: PrepareConfig | None = None, slide: 
         "config_fingerprint": cfg.fingerprint(), "input_signature": _signature(inp),
     }
     meta.update(slide_meta_extras(slide, tissue, grid, notes))
+    if getattr(slide, "dicom", None) is not None:
+        meta["dicom"] = slide.dicom.summary()
     if len(grid) == 0:
         logger.warning("%s: no patch-grid cell has >= %.0f%% tissue (tissue is %.2f%% of the thumbnail); the slide "
                        "contributes no patches", inp.image, 100 * cfg.tissue_threshold, 100 * tissue.fraction)
@@ -394,8 +397,16 @@ def _signature(inp: SlideInput) -> dict:
     for key in ("image", "annotation", "tissue_mask"):
         p = getattr(inp, key)
         if p:
-            st = Path(p).stat()
-            sig[key] = [str(Path(p).resolve()), st.st_size, int(st.st_mtime)]
+            path = Path(p)
+            if key == "image" and (path.is_dir() or is_dicom_file(path)):
+                # a DICOM slide: the DICOM files of its folder, so a level rewritten or added counts as a change
+                from monai_wsi_ext.io.dicom import dicom_files
+
+                stats = [f.stat() for f in dicom_files(path if path.is_dir() else path.parent)] or [path.stat()]
+                sig[key] = [str(path.resolve()), sum(st.st_size for st in stats), int(max(st.st_mtime for st in stats))]
+                continue
+            st = path.stat()
+            sig[key] = [str(path.resolve()), st.st_size, int(st.st_mtime)]
     return sig
 
 
@@ -443,7 +454,9 @@ def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: 
     """Build the list of slides to prepare.
 
     Args:
-        slides: a folder of slides, one slide file, or a list of slide files.
+        slides: a folder of slides, one slide file, or a list of slide files. DICOM WSI series count as slides: a
+            folder of DICOM instances (in the folder itself or as its sub-folders; one slide per WSI series, named
+            after its folder), or one instance file of a series.
         annotations: a folder holding annotations named after the slides (``<stem>.xml``, ``.geojson``,
             ``.json``, or a label mask ``<stem>_mask.tif``/``.png``); defaults to the slides' folder. Annotation
             files there that match no slide are logged (see :func:`unmatched_annotations` for the summary).
@@ -469,32 +482,84 @@ def collect_inputs(slides: str | os.PathLike | list | None = None, annotations: 
         return _mark_negative(inputs, negative)
     if slides is None:
         raise ValueError("give `slides` (a folder, a file or a list of files) or `manifest`.")
+    # (slide path, slide id): files by their stem; DICOM WSI series (folders of instances) by their folder's name
     if isinstance(slides, (list, tuple)):
-        files = [Path(s) for s in slides]
+        entries = [e for s in slides for e in _slide_entries(Path(s))]
     elif Path(slides).is_dir():
-        files = sorted(p for p in Path(slides).iterdir() if p.suffix.lower() in SLIDE_SUFFIXES
-                       and not p.stem.endswith("_mask"))
+        folder = Path(slides)
+        entries = [(p, p.stem) for p in sorted(folder.iterdir()) if p.suffix.lower() in SLIDE_SUFFIXES
+                   and not p.stem.endswith("_mask") and not (p.is_dir() or is_dicom_file(p))]
+        entries += _dicom_entries(folder, subfolders=True)
     else:
-        files = [Path(slides)]
-    if not files:
+        entries = _slide_entries(Path(slides))
+    if not entries:
         where = f"folder {str(slides)!r}" if not isinstance(slides, (list, tuple)) else "the empty list given"
-        raise ConfigError(f"no slides found in {where} (slide suffixes: {', '.join(SLIDE_SUFFIXES)}).")
+        raise ConfigError(f"no slides found in {where} (slide suffixes: {', '.join(SLIDE_SUFFIXES)}; or DICOM WSI "
+                          "series: folders of DICOM instances).")
     ann_dir = Path(annotations) if annotations is not None else None
     inputs = []
-    for f in files:
+    for f, stem in entries:
         folder = ann_dir or f.parent
         # lexists: a broken or looping annotation link is taken, so that reading it fails loudly instead of the
         # slide silently having no annotation
-        ann = next((folder / f"{f.stem}{s}" for s in ANNOTATION_SUFFIXES if os.path.lexists(folder / f"{f.stem}{s}")),
+        ann = next((folder / f"{stem}{s}" for s in ANNOTATION_SUFFIXES if os.path.lexists(folder / f"{stem}{s}")),
                    None)
         if ann is None:
-            masks = (folder / f"{f.stem}_mask{s}" for s in (".tif", ".png"))
+            masks = (folder / f"{stem}_mask{s}" for s in (".tif", ".png"))
             ann = next((m for m in masks if os.path.lexists(m)), None)
-        inputs.append(SlideInput(image=str(f), annotation=str(ann) if ann else None, split=_split_name(split)))
+        inputs.append(SlideInput(image=str(f), annotation=str(ann) if ann else None, slide_id=stem,
+                                 split=_split_name(split)))
     if ann_dir is not None:
         for note in unmatched_annotations(inputs, ann_dir):
             logger.warning("%s", note)
     return _mark_negative(inputs, negative)
+
+
+def _dicom_entries(folder: Path, subfolders: bool = False) -> list[tuple[Path, str]]:
+    """``(slide path, slide id)`` of the DICOM WSI series in ``folder`` (its own DICOM files) and, with
+    ``subfolders``, in each sub-folder that holds DICOM files. A folder with one WSI series is one slide named after
+    the folder; a folder with several gives one slide per series, its path the series' level-0 instance file
+    (:func:`monai_wsi_ext.io.dicom.series_slide_ids`). Without pydicom each such folder is taken as one slide, which
+    then fails naming the ``dicom`` extra."""
+    from monai_wsi_ext.io import dicom
+
+    folders = [folder] if dicom.dicom_files(folder) else []
+    if subfolders:
+        folders += [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")
+                    and dicom.dicom_files(p)]
+    out = []
+    for d in folders:
+        try:
+            series = dicom.find_wsi_series(d)
+        except ConfigError:
+            out.append((d, d.name))
+            continue
+        if not series:
+            logger.warning("%s: DICOM files but no VL Whole Slide Microscopy VOLUME image; not taken as a slide", d)
+            continue
+        ids = dicom.series_slide_ids(d.name, series)
+        out += [(d, ids[0])] if len(series) == 1 else [(s.level0.path, i) for s, i in zip(series, ids)]
+    return out
+
+
+def _slide_entries(path: Path) -> list[tuple[Path, str]]:
+    """``(slide path, slide id)`` of one given slide: a file, a DICOM instance file (named as its series' folder
+    names it) or a DICOM WSI folder."""
+    if path.is_dir():
+        return _dicom_entries(path) or [(path, path.name)]  # a folder without DICOM fails when opened, naming it
+    if is_dicom_file(path):
+        from monai_wsi_ext.io import dicom
+
+        try:
+            own = dicom.find_wsi_series(path)
+            series = dicom.find_wsi_series(path.parent)
+        except ConfigError:
+            return [(path, path.parent.name)]
+        if own:
+            ids = dict(zip((s.series_uid for s in series), dicom.series_slide_ids(path.parent.name, series)))
+            return [(path, ids.get(own[0].series_uid, path.parent.name))]
+        return [(path, path.stem)]
+    return [(path, path.stem)]
 
 
 def _split_name(split: str) -> str:
