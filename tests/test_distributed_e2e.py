@@ -1,0 +1,137 @@
+"""Distributed end-to-end training (``monai_wsi_ext.engines.distributed``, ``multi_gpu_train_e2e.json``).
+
+Exactness: 2 gloo processes, each running the two-pass surrogate step on its own slides, take the same optimiser
+steps (float64, 1e-6) as one process accumulating the gradients over the same slides. The patches are loaded
+without augmentation (the pixels do not depend on the per-patch seeds), because every rank draws its seeds from its
+own generator; the seed replay between the two passes is tested in ``test_engines.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from test_engines import FakeSource, _grid, _labels, _tiny_unet, TinyEncoder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WORLD = 2
+
+
+class FixedSource(FakeSource):
+    """The test's in-memory patches, without augmentation (the same pixels for every seed)."""
+
+    def augment(self, i: int, seed: int) -> torch.Tensor:
+        return self.patches[i]
+
+
+def _slides() -> list[dict]:
+    """Four small slides (their grids fit the 8 x 8 canvas, so no window is drawn); the last has no labelled
+    patch (its rank contributes no gradient in the second step)."""
+    out = []
+    for k, (n, h, w) in enumerate([(12, 5, 6), (20, 7, 7), (9, 4, 6), (15, 6, 6)]):
+        rows, cols = _grid(n, h, w, seed=10 + k)
+        labels = _labels(n, seed=20 + k) if k < 3 else torch.full((n,), -1)
+        out.append({"patch_source": FixedSource(n, size=8, dtype=torch.float64, seed=30 + k), "rows": rows - rows.min(),
+                    "cols": cols - cols.min(), "labels": labels})
+    return out
+
+
+def _networks(seed: int):
+    torch.manual_seed(seed)
+    encoder = TinyEncoder(3).double()
+    unet = _tiny_unet(3, torch.float64)
+    torch.manual_seed(seed)  # _tiny_unet reseeds with 3: give every rank its own U-Net start too
+    for p in unet.parameters():
+        p.data.add_(0.01 * seed * torch.randn_like(p))
+    return encoder, unet
+
+
+def _trainer(cls, slides, encoder, unet, accumulation_steps: int, seed: int):
+    from monai_wsi_ext.engines.e2e import slide_collate
+
+    return cls(device="cpu", max_epochs=1, train_data_loader=DataLoader(slides, batch_size=1, collate_fn=slide_collate),
+               encoder=encoder, unet=unet, encoder_optimizer=torch.optim.SGD(encoder.parameters(), lr=0.5),
+               unet_optimizer=torch.optim.SGD(unet.parameters(), lr=0.5), chunk_size=3, canvas_size=8,
+               accumulation_steps=accumulation_steps, seed=seed)
+
+
+def _state(encoder, unet) -> dict:
+    return {**{f"encoder.{k}": v.detach().clone() for k, v in encoder.state_dict().items()},
+            **{f"unet.{k}": v.detach().clone() for k, v in unet.state_dict().items()}}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from monai_wsi_ext.engines.distributed import DistributedE2ETrainer
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        slides = _slides()
+        mine = slides[rank::WORLD]  # rank 0: slides 0, 2; rank 1: slides 1, 3
+        encoder, unet = _networks(seed=rank)  # different starts: rank 0's is broadcast
+        init = _state(encoder, unet)
+        trainer = _trainer(DistributedE2ETrainer, mine, encoder, unet, accumulation_steps=1, seed=rank)
+        trainer.run()
+        torch.save({"init": init, "final": _state(encoder, unet), "iterations": trainer.state.iteration,
+                    "empty": trainer.state.empty_skipped}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_take_the_steps_of_one_process_accumulating(tmp_path):
+    import torch.multiprocessing as mp
+
+    from monai_wsi_ext.engines.e2e import SurrogateE2ETrainer
+
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert [r["iterations"] for r in ranks] == [2, 2] and [r["empty"] for r in ranks] == [0, 1]
+
+    # one process, the same 4 slides in step order (0, 1 | 2, 3), gradients accumulated over 2 slides per step
+    encoder, unet = _networks(seed=0)
+    start = _state(encoder, unet)
+    _trainer(SurrogateE2ETrainer, _slides(), encoder, unet, accumulation_steps=2, seed=0).run()
+    ref = _state(encoder, unet)
+
+    floats = [k for k, v in start.items() if v.is_floating_point()]
+    assert any(not torch.equal(ranks[0]["init"][k], ranks[1]["init"][k]) for k in floats), "ranks started equal"
+    moved = [k for k in floats if float((ref[k] - start[k]).abs().max()) > 1e-3]
+    assert any(k.startswith("encoder.conv") for k in moved) and any(k.startswith("unet.") for k in moved), moved
+    for r in ranks:
+        for k in start:
+            torch.testing.assert_close(r["final"][k], ref[k], rtol=0, atol=1e-6, msg=k)
+    # the check can fail: without the averaging (rank 0 alone on its slides) the networks end elsewhere
+    encoder, unet = _networks(seed=0)
+    _trainer(SurrogateE2ETrainer, _slides()[0::2], encoder, unet, accumulation_steps=1, seed=0).run()
+    alone = _state(encoder, unet)
+    assert max(float((alone[k] - ref[k]).abs().max()) for k in floats) > 1e-3
+
+
+def test_average_gradients_without_a_process_group_is_a_no_op():
+    from monai_wsi_ext.engines.distributed import DistributedE2ETrainer, average_gradients
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    assert average_gradients([p], True) is True and torch.equal(p.grad, torch.full((3,), 2.0))
+    from monai_wsi_ext.errors import ConfigError
+
+    encoder, unet = _networks(seed=0)
+    with pytest.raises(ConfigError, match="amp"):
+        DistributedE2ETrainer(device="cpu", max_epochs=1, train_data_loader=[], encoder=encoder, unet=unet,
+                              encoder_optimizer=None, unet_optimizer=torch.optim.SGD(unet.parameters(), lr=0.1),
+                              canvas_size=8, amp=True)
