@@ -135,3 +135,88 @@ def test_average_gradients_without_a_process_group_is_a_no_op():
         DistributedE2ETrainer(device="cpu", max_epochs=1, train_data_loader=[], encoder=encoder, unet=unet,
                               encoder_optimizer=None, unet_optimizer=torch.optim.SGD(unet.parameters(), lr=0.1),
                               canvas_size=8, amp=True)
+
+
+# -- the bundle overlay -----------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+E2E_FILES = [str(CONFIGS / "common.json"), str(CONFIGS / "train_e2e.json"), str(CONFIGS / "multi_gpu_train_e2e.json"),
+             str(REPO / "configs" / "datasets" / "demo.json")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Two training and two validation slides (64 px patches) and random starting checkpoints."""
+    from conftest import make_bundle_dataset
+    from monai.bundle import ConfigParser
+
+    data = make_bundle_dataset(tmp_path_factory.mktemp("e2e_multi"), n_val=2, n_test=0)
+    parser = ConfigParser()
+    parser.read_config([E2E_FILES[0], E2E_FILES[-1]])
+    models = Path(data["overrides"]["ckpt_dir"])
+    models.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("encoder_def").state_dict(), models / "encoder.pt")
+    torch.save(parser.get_parsed_content("unet_def").state_dict(), models / "unet.pt")
+    return data
+
+
+def test_overlay_shards_slides_and_keeps_writers_on_rank_0(tiny):
+    from monai.bundle import ConfigParser
+
+    draws, disabled = [], []
+    for rank in range(WORLD):
+        parser = ConfigParser()
+        parser.read_config(E2E_FILES)
+        for k, v in {**tiny["overrides"], "rank": rank, "world_size": WORLD}.items():
+            parser[k] = v
+        sampler = parser.get_parsed_content("train#sampler")
+        sampler.set_epoch(0)
+        draws.append(list(sampler))
+        assert list(parser.get_parsed_content("validate#sampler")) == [rank]
+        assert parser["train#trainer"]["_target_"] == "monai_wsi_ext.engines.distributed.DistributedE2ETrainer"
+        disabled.append([parser.get_parsed_content(f"{key}#{i}#_disabled_") for key, n in
+                         (("train#handlers", 5), ("validate#handlers", 4)) for i in range(n)
+                         if "_disabled_" in parser[f"{key}#{i}"]])
+    assert sorted(draws[0] + draws[1]) == [0, 1] and len(draws[0]) == len(draws[1]) == 1
+    # rank 0 writes (progress bar off by default), rank 1 writes nothing
+    assert disabled[0] == [True, False, False, False, False, False, False]
+    assert disabled[1] == [True] * 7
+
+
+def test_multi_gpu_train_e2e_with_torchrun(tiny, tmp_path):
+    """``torchrun`` with 2 CPU processes, one epoch: both ranks end with the same trained weights, rank 0 alone
+    writes the best-model files and the resumable checkpoint."""
+    import json
+    import subprocess
+    import sys
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    record = {"+finalize": [
+        "$torch.save({'encoder': @encoder.state_dict(), 'unet': @network.state_dict()}, "
+        f"'{rec}/rank' + os.environ['RANK'] + '.pt')"]}
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    ckpt = Path(tiny["overrides"]["ckpt_dir"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m",
+           "monai.bundle", "run", "--config_file", str(E2E_FILES + [str(tmp_path / "record.json")]),
+           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
+    for k, v in {**tiny["overrides"], "max_epochs": 1, "encoder_lr": 1e-3, "unet_lr": 1e-3,
+                 "log_dir": tmp_path / "logs"}.items():
+        cmd += [f"--{k}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-4000:])
+    final = [torch.load(rec / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    start = {"encoder": torch.load(ckpt / "encoder.pt", weights_only=True),
+             "unet": torch.load(ckpt / "unet.pt", weights_only=True)}
+    for net in ("encoder", "unet"):
+        for k, v in final[0][net].items():
+            torch.testing.assert_close(final[1][net][k], v, rtol=0, atol=0, msg=f"{net}.{k}")
+        assert any(not torch.equal(final[0][net][k], start[net][k]) for k in start[net]
+                   if start[net][k].is_floating_point()), f"{net} was not trained"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["e2e_resume.pt", "encoder.pt", "encoder_e2e.pt", "unet.pt",
+                                                      "unet_e2e.pt"]
+    events = list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    assert events and len({p.name.split(".")[-2] for p in events}) == 1, [p.name for p in events]

@@ -260,8 +260,8 @@ class ArchiveEntryWriter:
         if sid in results:
             r = results[sid]
             score = r.get("slide_score")
-            entry.update(status=r.get("status", "ok"), slide_score=score, error=None,
-                         slide_class=None if score is None else ("tumor" if score >= self.class_threshold else "normal"),
+            label = None if score is None else ("tumor" if score >= self.class_threshold else "normal")
+            entry.update(status=r.get("status", "ok"), slide_score=score, error=None, slide_class=label,
                          n_patches=r.get("n_patches"), n_regions=r.get("n_regions"), seconds=r.get("seconds"),
                          output_dir=r.get("dir"))
             folder = Path(r["dir"])
@@ -293,8 +293,8 @@ def write_index(output_dir: str | os.PathLike, listed: Sequence[str], source: st
     for r in rows:
         if r["listed"]:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
-    index = {"source": source, "model_key": key, "updated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "counts": counts, "slides": rows}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    index = {"source": source, "model_key": key, "updated_utc": now, "counts": counts, "slides": rows}
     write_json_atomic(out / "index.json", index)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(INDEX_COLUMNS), lineterminator="\n")
