@@ -249,6 +249,12 @@ class PatchEncoder(nn.Module):
             ``"encoder"``/``"network"``. Loaded with ``strict=False``; mismatches are logged.
         dropout: dropout on the 1024-d pooled vector in training mode.
         feature_activation: None (default, linear feature layer) or ``"relu"`` between features and head.
+        input_norm: the input normalisation in front of the backbone
+            (:class:`~monai_wsi_ext.model.normalization.InputNormalization`: ``unit`` = the [0, 1] patches as they
+            are, ``symmetric``, ``imagenet``, ``standardize``); saved with the weights when not ``unit``.
+        input_stain_norm: None, or ``"reinhard"`` for Reinhard colour normalisation of each patch before the input
+            normalisation (:class:`~monai_wsi_ext.model.normalization.ReinhardNormalization`; its target is
+            fitted on a reference image and saved with the weights).
 
     Note:
         GoogLeNet is built with ``transform_input=False``; torchvision's ImageNet GoogLeNet weights expect
@@ -263,8 +269,14 @@ class PatchEncoder(nn.Module):
         pretrained_path: str | os.PathLike | None = None,
         dropout: float = 0.0,
         feature_activation: str | None = None,
+        input_norm: str = "unit",
+        input_stain_norm: str | None = None,
     ) -> None:
         super().__init__()
+        from monai_wsi_ext.model.normalization import InputNormalization, ReinhardNormalization
+
+        if input_stain_norm not in (None, "reinhard"):
+            raise ConfigError(f"`input_stain_norm` must be None or 'reinhard', got {input_stain_norm!r}.")
         if not isinstance(backbone, str) or not backbone:
             raise ConfigError(f"`backbone` must be a name ({BACKBONES} or one of monai_wsi_ext.model.backbones), "
                               f"got {backbone!r}.")
@@ -291,13 +303,15 @@ class PatchEncoder(nn.Module):
         self.feature = nn.Linear(self.backbone.out_features, self.feature_dim)
         self.act = nn.ReLU() if feature_activation == "relu" else nn.Identity()
         self.head = nn.Linear(self.feature_dim, self.num_classes)
+        self.stain_norm = ReinhardNormalization(input_stain_norm == "reinhard")
+        self.input_norm = InputNormalization(input_norm)
         if pretrained_path is not None:
             self.load_weights(pretrained_path)
 
     @torch.jit.export
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) patches -> (B, feature_dim) canvas features (also exported in TorchScript)."""
-        return self.feature(self.dropout(self.backbone(x)))
+        return self.feature(self.dropout(self.backbone(self.input_norm(self.stain_norm(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) patches -> (B, num_classes) logits."""
