@@ -38,7 +38,7 @@ $(DEPLOY_STAMP): pyproject.toml
 	touch $(DEPLOY_STAMP)
 
 test-deploy: $(DEPLOY_STAMP)
-	REQUIRE_MONAI_DEPLOY=1 $(DEPLOY_VENV)/bin/python -m pytest -q --timeout 900 tests/test_deploy.py
+	REQUIRE_MONAI_DEPLOY=1 $(DEPLOY_VENV)/bin/python -m pytest -q --timeout 900 tests/test_deploy.py tests/test_deploy_dicom.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

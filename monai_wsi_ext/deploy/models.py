@@ -124,7 +124,8 @@ def list_slides(folder: str | os.PathLike) -> list[str]:
 def run_exported_inference(slides, output_dir: str | os.PathLike, models: ExportedModels, mode: str | None = None,
                            threshold: float = 0.5, batch_size: int = 64, backend: str = "auto",
                            mpp: float | None = None, device: str | torch.device = "cpu",
-                           prepare: dict | None = None, itk_format: str | None = None) -> dict:
+                           prepare: dict | None = None, itk_format: str | None = None,
+                           dicom_seg: str | list | None = None, dicom_annotations: bool = False) -> dict:
     """Heatmaps for slides with exported models: :class:`~monai_wsi_ext.inference.slides.SlideInference` with the
     tiling, crop and canvas settings embedded in the models.
 
@@ -140,6 +141,8 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
         device: where the networks run.
         prepare: further :class:`~monai_wsi_ext.prep.prepare.PrepareConfig` fields, over the embedded ones.
         itk_format: also write each map as an ITK image with physical spacing (``nrrd`` or ``mha``).
+        dicom_seg, dicom_annotations: DICOM outputs of DICOM slides (see
+            :class:`~monai_wsi_ext.outputs.handlers.HeatmapWriter`).
 
     Returns:
         The inference summary (per-slide results and failures).
@@ -168,6 +171,6 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
         stain_normalize=bool(st.get("stain_normalize", False)),
         config={"models": models.files, "settings": st, "mode": mode, "threshold": threshold},
         weight_files={k: v for k, v in models.files.items() if mode == "canvas" or k == "encoder"},
-        itk_format=itk_format,
+        itk_format=itk_format, dicom_seg=dicom_seg, dicom_annotations=dicom_annotations,
     )
     return inference.run()
