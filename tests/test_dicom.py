@@ -137,7 +137,8 @@ def test_prepare_gives_the_tiff_tissue_grid(cmu, tmp_path):
     assert (tmp_path / "cmu_small_region" / "tissue_mask.png").read_bytes() == \
         (tmp_path / "cmu_dicom" / "tissue_mask.png").read_bytes()
     series = resolve_wsi_series(folder)
-    assert b["dicom"]["series_instance_uid"] == series.series_uid and b["dicom"]["study_instance_uid"] == series.study_uid
+    assert b["dicom"]["series_instance_uid"] == series.series_uid
+    assert b["dicom"]["study_instance_uid"] == series.study_uid
     again = prepare_dataset(inputs, tmp_path, cfg, progress=False)
     assert sorted(again["skipped"]) == ["cmu_dicom", "cmu_small_region"] and not again["done"]
 

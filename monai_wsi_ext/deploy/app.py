@@ -138,6 +138,7 @@ class WSICanvasApp(Application):
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies into a DICOM output
     app = WSICanvasApp(argv) if argv is not None else WSICanvasApp()
     app.run()
 

@@ -184,15 +184,15 @@ def write_dicom_annotations(path: str | os.PathLike, regions: Sequence[dict], so
     ds = source_dataset(source)
     graphic = [np.asarray(r["polygon"].exterior, dtype=np.float32) + np.float32(0.5) for r in regions]
     measurements = [hd.ann.Measurements(
-        name=codes.DCM.Probability, unit=codes.UCUM.NoUnits if hasattr(codes.UCUM, "NoUnits") else
-        hd.sr.CodedConcept("1", "UCUM", "no units"),
+        name=codes.DCM.Probability, unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
         values=np.asarray([r["mean_probability"] for r in regions], dtype=np.float32))]
     areas = [r.get("area_mm2") for r in regions]
     if all(a is not None for a in areas):
         measurements.append(hd.ann.Measurements(name=codes.SCT.Area, unit=codes.UCUM.SquareMillimeter,
                                                 values=np.asarray(areas, dtype=np.float32)))
     group = hd.ann.AnnotationGroup(
-        number=1, uid=hd.UID(), label="Tumor regions", annotated_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        number=1, uid=hd.UID(), label="Tumor regions",
+        annotated_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         annotated_property_type=codes.SCT.Neoplasm, graphic_type=hd.ann.GraphicTypeValues.POLYGON,
         graphic_data=graphic, algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
         algorithm_identification=_algorithm(hd), measurements=measurements)
