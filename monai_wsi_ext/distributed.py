@@ -23,6 +23,7 @@ Without a process group (one process) every function works with rank 0 of 1.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -71,7 +72,7 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, timeout_s: float = 86400) -> tuple[int, int]:
     """Join the process group that ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``/``MASTER_PORT`` or the rendezvous it set up), once; a plain ``python`` run stays one process.
 
@@ -79,6 +80,9 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
 
     Args:
         backend: ``nccl``/``gloo``; default :func:`default_backend`.
+        timeout_s: how long a collective waits for the slowest rank. The ranks meet at the start and after their
+            last slide, so a rank that finishes early waits there for the others: the default of a day (torch's is
+            10 or 30 minutes) keeps a rank with a big slide from being taken for a hung one.
 
     Returns:
         ``(rank, world_size)``.
@@ -86,7 +90,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend or default_backend())
+        dist.init_process_group(backend=backend or default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
     return rank_and_world()
 
 
@@ -282,8 +286,8 @@ class DistributedSummary:
     On ``STARTED`` (after the writers, which clean their folders of stale temporary files then) the ranks wait for
     each other, so that no rank removes another's temporary file. On ``COMPLETED`` every rank's ``results``,
     ``failed`` and ``skipped`` are gathered; rank 0 writes the single-process summary of them (the same file and
-    keys) with a ``distributed`` section (world size, each rank's slides and cost, the slides done before, which a
-    feature summary also lists as ``skipped``); the summary is then broadcast and every rank raises the same
+    keys) with a ``distributed`` section (world size, backend, each rank's slides, cost and seconds from its start to
+    its last slide, the slides done before, which a feature summary also lists as ``skipped``); the summary is then broadcast and every rank raises the same
     :class:`~monai_wsi_ext.errors.MonaiWsiExtError` when any slide failed, or when no slide was done at all.
 
     Args:
@@ -349,7 +353,7 @@ class DistributedSummary:
             "world_size": self.dataset.world_size,
             "backend": dist.get_backend() if _distributed() else None,
             "done_before": list(self.dataset.done_before),
-            "ranks": [{**plan, "done": sorted(p["results"]), "failed": sorted(p["failed"])}
+            "ranks": [{**plan, "done": sorted(p["results"]), "failed": sorted(p["failed"]), "seconds": p["seconds"]}
                       for plan, p in zip(self.dataset.plan, parts)],
         }
         write_json_atomic(Path(self.summary.output_dir) / self.filename, summary)
