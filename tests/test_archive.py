@@ -213,3 +213,14 @@ def test_archive_command_under_torchrun_matches_one_process(archive, tmp_path):
         np.testing.assert_allclose(np.load(r["prob_npy"]), np.load(ref[sid]["prob_npy"]), rtol=0, atol=1e-5,
                                    equal_nan=True)
         assert float(r["slide_score"]) == pytest.approx(float(ref[sid]["slide_score"]), abs=1e-5)
+
+
+def test_archive_refuses_unknown_and_ill_typed_overrides(archive, tmp_path):
+    from monai_wsi_ext.errors import ConfigError
+    from monai_wsi_ext.inference.archive import run_archive
+
+    with pytest.raises(ConfigError, match="unknown key `treshold`"):
+        run_archive(archive["slides"], tmp_path, FILES, {**archive["overrides"], "treshold": 0.3}, dry_run=True)
+    with pytest.raises(ConfigError, match="progress_bar"):
+        run_archive(archive["slides"], tmp_path, FILES, {**archive["overrides"], "progress_bar": "true"}, dry_run=True)
+    assert not (tmp_path / "index.json").exists()

@@ -337,7 +337,8 @@ def run_archive(slides: str | os.PathLike, output_dir: str | os.PathLike, config
         ``{"listed", "todo" (slide id -> why), "index"}`` (``index`` None for a dry run), the same on every rank.
 
     Raises:
-        ConfigError: a bad archive listing or setting (on every rank).
+        ConfigError: a bad archive listing, an unknown or ill-typed override (checked against ``config_files``, as
+            ``monai.bundle run`` overrides are), or a bad setting (on every rank).
         MonaiWsiExtError: when a slide failed (after the index is written; its entry says why).
     """
     from monai_wsi_ext.distributed import broadcast_object, init_distributed, run_sharded
@@ -348,6 +349,9 @@ def run_archive(slides: str | os.PathLike, output_dir: str | os.PathLike, config
     plan: dict[str, Any]
     if rank == 0:
         try:
+            from monai_wsi_ext.config_check import check_overrides
+
+            check_overrides(list(config_files), {k: v for k, v in overrides.items() if k != "output_dir"})
             parser = _parser(config_files, overrides)
             mode = parser.get_parsed_content("mode")
             weights = {"encoder": parser.get_parsed_content("encoder_ckpt"),
