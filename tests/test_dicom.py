@@ -193,16 +193,18 @@ def test_dicom_segmentation_reads_back_on_the_slide_geometry(heatmaps):
         ref = seg.ReferencedSeriesSequence[0]
         assert ref.SeriesInstanceUID == src.SeriesInstanceUID
         assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-        # geometry: one pixel per grid cell from the slide's origin, spacing = cell * the slide's spacing
+        # geometry: one pixel per grid cell, spacing = cell * the slide's spacing, the slide's orientation, and
+        # every cell corner (c, r) of the segmentation at the slide position of level-0 pixel corner (c, r) * cell
         assert (seg.TotalPixelMatrixRows, seg.TotalPixelMatrixColumns) == prob.shape
         spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
         src_spacing = src.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
         np.testing.assert_allclose([float(v) for v in spacing], [float(v) * cell for v in src_spacing], rtol=1e-6)
-        o, so = seg.TotalPixelMatrixOriginSequence[0], src.TotalPixelMatrixOriginSequence[0]
-        assert (float(o.XOffsetInSlideCoordinateSystem), float(o.YOffsetInSlideCoordinateSystem)) == \
-            (float(so.XOffsetInSlideCoordinateSystem), float(so.YOffsetInSlideCoordinateSystem))
         np.testing.assert_allclose([float(v) for v in seg.ImageOrientationSlide],
                                    [float(v) for v in src.ImageOrientationSlide])
+        corners = np.array([[0, 0], [1, 0], [0, 1], [prob.shape[1], prob.shape[0]], [3, 7]], dtype=float)
+        on_seg = hd.spatial.ImageToReferenceTransformer.for_image(seg, for_total_pixel_matrix=True)(corners)
+        on_slide = hd.spatial.ImageToReferenceTransformer.for_image(src, for_total_pixel_matrix=True)(corners * cell)
+        np.testing.assert_allclose(on_seg, on_slide, atol=1e-6)  # mm
         values = seg.get_total_pixel_matrix(segment_numbers=[1])[..., 0]
         if kind == "fractional":
             assert seg.SegmentationFractionalType == "PROBABILITY"
@@ -225,9 +227,9 @@ def test_dicom_bulk_annotations_hold_the_tumor_regions(heatmaps):
     group = ann.get_annotation_groups()[0]
     polygons = group.get_graphic_data(ann.AnnotationCoordinateType)
     assert group.label == "Tumor regions" and len(polygons) == len(geo)
-    # SCOORD: the centre of the top left pixel is (1, 1), so the outputs' corner-based coordinates + 0.5
+    # SCOORD: (column, row) with the top left corner of the top left pixel at (0, 0), as the level-0 outputs
     exterior = np.asarray(geo[0]["geometry"]["coordinates"][0][:-1], dtype=np.float32)
-    np.testing.assert_allclose(polygons[0], exterior + 0.5, atol=1e-3)
+    np.testing.assert_allclose(polygons[0], exterior, atol=1e-3)
     names, values, _ = group.get_measurements()
     means = values[:, [n.meaning for n in names].index("Probability")]
     np.testing.assert_allclose(means, [r["mean_probability"] for r in record["regions"]], rtol=1e-6)

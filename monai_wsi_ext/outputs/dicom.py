@@ -8,17 +8,20 @@ to an image rather than to a frame of reference) name the level-0 instance in th
 viewer of whole-slide images overlays them on the slide.
 
 Geometry of the Segmentation: its total pixel matrix is the probability grid, one pixel per grid cell, with the
-slide's total-pixel-matrix origin (the top left corner of its top left pixel), its orientation, and a pixel
-spacing of ``cell_size`` times the slide's level-0 Pixel Spacing. So segmentation pixel ``(row r, column c)``
-covers slide level-0 pixels ``x in [c * cell_size, (c + 1) * cell_size)``, ``y in [r * cell_size, (r + 1) *
-cell_size)``, exactly the grid cell of ``{slide_id}_prob.npy``. The pixel matrix is tiled like the source (its tile
-size; frames without any non-zero pixel are left out, as DICOM allows).
+slide's orientation (Image Orientation (Slide)) and a pixel spacing of ``cell_size`` times the slide's level-0
+Pixel Spacing. DICOM positions are pixel centres (the Total Pixel Matrix Origin is the location of pixel 1\\1, which
+highdicom's spatial transforms take as its centre), so the Segmentation's origin is the slide position of the
+centre of the first grid cell: the slide's origin moved by ``(cell_size - 1) / 2`` level-0 pixels along the rows and
+the columns. Segmentation pixel ``(row r, column c)`` then covers slide level-0 pixels ``x in [c * cell_size,
+(c + 1) * cell_size)``, ``y in [r * cell_size, (r + 1) * cell_size)``, exactly the grid cell of
+``{slide_id}_prob.npy``. The pixel matrix is tiled like the source (its tile size; frames without any non-zero pixel
+are left out, as DICOM allows).
 
 Values: ``FRACTIONAL`` (probability type, ``round(255 * p)``; no-tissue cells 0) or ``BINARY`` (1 where
 ``p >= threshold``). Polygons of the bulk annotations are 2D (``SCOORD``) image coordinates of the slide's total
-pixel matrix, where the centre of the top left pixel is ``(1, 1)``: a level-0 pixel coordinate ``x`` of the outputs
-(corner-based, the top left corner of the slide at 0) is ``x + 0.5`` there. DICOM polygons have no holes: each
-region is written as its exterior ring; its area measurement is that of the region's cells (holes excluded).
+pixel matrix, ``(column, row)`` with the top left corner of the top left pixel at ``(0, 0)``: the level-0 ``(x, y)``
+of the file outputs as they are. DICOM polygons have no holes: each region is written as its exterior ring; its
+area measurement is that of the region's cells (holes excluded).
 """
 
 from __future__ import annotations
@@ -127,6 +130,12 @@ def write_dicom_seg(path: str | os.PathLike, prob: np.ndarray, cell_size: float,
     row_mm, col_mm = (float(v) for v in measures.PixelSpacing)
     pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=(row_mm * cell, col_mm * cell),
                                               slice_thickness=float(measures.get("SliceThickness") or 0.0) or None)
+    # the centre of the first cell: image coordinates (cell / 2, cell / 2) of the slide's total pixel matrix, whose
+    # (0, 0) is the top left corner of its first pixel
+    to_slide = hd.spatial.ImageToReferenceTransformer.for_image(ds, for_total_pixel_matrix=True)
+    first_centre = to_slide(np.array([[cell / 2, cell / 2]]))[0]
+    plane_position = hd.PlanePositionSequence(hd.CoordinateSystemNames.SLIDE, [float(v) for v in first_centre],
+                                              pixel_matrix_position=(1, 1))
     if segmentation_type == "fractional":
         pixels, kind = arr, hd.seg.SegmentationTypeValues.FRACTIONAL
     else:
@@ -146,7 +155,7 @@ def write_dicom_seg(path: str | os.PathLike, prob: np.ndarray, cell_size: float,
         max_fractional_value=255, content_label="TUMOR_MAP",
         content_description=f"Tumor {'probability' if segmentation_type == 'fractional' else 'mask'} per patch-grid "
                             f"cell ({cell:g} px); research use, not for diagnosis"[:64],
-        pixel_measures=pixel_measures, tile_pixel_array=True,
+        pixel_measures=pixel_measures, plane_positions=[plane_position], tile_pixel_array=True,
         series_description=f"Tumor {segmentation_type} segmentation (monai-wsi-canvas)"[:64],
     )
     with atomic_path(path) as tmp:
@@ -159,7 +168,7 @@ def write_dicom_seg(path: str | os.PathLike, prob: np.ndarray, cell_size: float,
 def write_dicom_annotations(path: str | os.PathLike, regions: Sequence[dict], source, series_number: int = 901,
                             series_instance_uid: str | None = None) -> Path:
     """Write :func:`~monai_wsi_ext.outputs.writers.tumor_regions` as a Microscopy Bulk Simple Annotations object:
-    one annotation group "Tumor regions" of 2D polygons (exterior rings, see the module notes on coordinates) with
+    one annotation group "Tumor regions" of 2D polygons (exterior rings in level-0 pixel coordinates) with
     two measurements per region, its area (mm², when the slide has an mpp) and its mean tumor probability.
 
     Args:
@@ -182,7 +191,7 @@ def write_dicom_annotations(path: str | os.PathLike, regions: Sequence[dict], so
     if not regions:
         raise ValueError("no tumor regions to write: an annotation group needs at least one polygon")
     ds = source_dataset(source)
-    graphic = [np.asarray(r["polygon"].exterior, dtype=np.float32) + np.float32(0.5) for r in regions]
+    graphic = [np.asarray(r["polygon"].exterior, dtype=np.float32) for r in regions]
     measurements = [hd.ann.Measurements(
         name=codes.DCM.Probability, unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
         values=np.asarray([r["mean_probability"] for r in regions], dtype=np.float32))]
