@@ -488,7 +488,10 @@ def evaluate_heatmaps(
         class_map: class-name mapping for polygon truth files.
         missing_truth: with ``truth`` given, a slide without a truth file is ``"skip"``-ped by the FROC or counted
             as ``"negative"`` (an empty mask: Camelyon16's normal slides have no annotation).
-        froc_candidates: ``"components"`` or ``"nms"`` (:func:`monai_wsi_ext.evaluation.metrics.heatmap_candidates`).
+        froc_candidates: ``"components"`` or ``"nms"`` (:func:`monai_wsi_ext.evaluation.metrics.heatmap_candidates`),
+            or ``"file"``: the lesion candidates a method wrote itself, ``<id>/<id>_candidates.json`` (``probs``,
+            level-0 ``x`` and ``y``: e.g. Mask R-CNN's instances with their detection scores), the heatmap's
+            components for a slide without that file.
         nms_box_size: NMS box in cells for ``"nms"``.
         max_point_size: largest component counted as a tumor point (None: any size).
         reference_stages: Camelyon17 CSV of reference pN-stages (:func:`read_reference_stages`); without it the
@@ -555,8 +558,11 @@ def evaluate_heatmaps(
             res["slide_label"] = 0
         if mask is not None:
             if slide_mpp:
-                froc_samples.append({"prob_map": s.prob, "cell_size": s.cell_size, "tumor_mask": mask.tumor,
-                                     "mask_downsample": mask.downsample, "mpp": slide_mpp})
+                sample = {"prob_map": s.prob, "cell_size": s.cell_size, "tumor_mask": mask.tumor,
+                          "mask_downsample": mask.downsample, "mpp": slide_mpp}
+                if froc_candidates == "file":
+                    sample.update(_candidates_file(Path(heatmap_dir) / s.slide_id / f"{s.slide_id}_candidates.json"))
+                froc_samples.append(sample)
             else:
                 logger.warning("%s: no mpp (record or `mpp`), left out of the lesion FROC.", s.slide_id)
         per_slide.append(res)
@@ -575,7 +581,8 @@ def evaluate_heatmaps(
                        "overall metrics): %s", len(incomplete), _incomplete_text(incomplete))
     overall["total_tumor_points"] = int(sum(int(r["tumor_points"]) for r in per_slide))
     if froc_samples:
-        froc = M.lesion_froc(froc_samples, threshold=threshold, candidates=froc_candidates,
+        froc = M.lesion_froc(froc_samples, threshold=threshold,
+                             candidates="components" if froc_candidates == "file" else froc_candidates,
                              nms_box_size=nms_box_size)
         overall["froc"] = froc["froc"]
         overall["froc_detail"] = {k: froc[k] for k in ("sensitivity_at", "num_targets", "num_itc", "num_images",
@@ -614,6 +621,19 @@ def evaluate_heatmaps(
                     _fmt(overall.get("pooled_accuracy")), _fmt(overall.get("pooled_pr_auc")),
                     overall["total_tumor_points"], files["overall_json"])
     return result
+
+
+def _candidates_file(path: Path) -> dict[str, Any]:
+    """``{"candidates": (probs, x, y)}`` from a method's candidates file, or ``{}`` (warned) when there is none."""
+    if not path.is_file():
+        logger.warning("%s not found: the heatmap's components are the lesion candidates of this slide.", path)
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        return {"candidates": tuple(np.asarray(doc[k], np.float64) for k in ("probs", "x", "y"))}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MonaiWsiExtError(f"{path}: not a candidates file with 'probs', 'x', 'y' ({type(e).__name__}: {e}).") \
+            from e
 
 
 def _slide_methods(per_slide: Sequence[Mapping[str, Any]], predictions, threshold: float) -> dict[str, Any]:
