@@ -141,6 +141,22 @@ def test_prepare_gives_the_tiff_tissue_grid(cmu, tmp_path):
     assert b["dicom"]["study_instance_uid"] == series.study_uid
     again = prepare_dataset(inputs, tmp_path, cfg, progress=False)
     assert sorted(again["skipped"]) == ["cmu_dicom", "cmu_small_region"] and not again["done"]
+    # the datalist names the level-0 instance file, so MONAI's PatchWSIDataset (OpenSlide reader) reads the DICOM
+    # slide, with the SVS's pixels; the project's PatchDataset reads the same
+    from monai.data import PatchWSIDataset
+
+    from monai_wsi_ext.data.patches import PatchDataset
+    from monai_wsi_ext.prep.prepare import datalist_items
+
+    items = {sid: datalist_items(metas[sid], tmp_path)[:3] for sid in metas}
+    assert items["cmu_dicom"][0]["image"] == str(series.level0.path)
+    monai_dicom = PatchWSIDataset(items["cmu_dicom"], reader="OpenSlide", center_location=False)
+    monai_svs = PatchWSIDataset(items["cmu_small_region"], reader="OpenSlide", center_location=False)
+    ours = PatchDataset(items["cmu_dicom"])
+    for i in range(3):
+        a = np.asarray(monai_dicom[i]["image"])
+        np.testing.assert_array_equal(a, np.asarray(monai_svs[i]["image"]))
+        np.testing.assert_array_equal(a.astype(np.float32) / 255.0, ours[i]["image"].numpy())
 
 
 @pytest.fixture(scope="module")

@@ -432,17 +432,20 @@ def datalist_items(meta: dict, output_dir: str | os.PathLike, include_nolabel: b
     grid position ``row``/``col`` and ``slide_id``.
 
     ``location`` is the patch's top-left corner: with MONAI's ``PatchWSIDataset`` pass ``center_location=False``
-    (its default treats locations as centres and would shift every patch by half its size).
+    (its default treats locations as centres and would shift every patch by half its size). For a DICOM slide
+    ``image`` is its level-0 instance file, read by MONAI's ``reader="OpenSlide"`` (cuCIM does not read DICOM).
     """
     import csv
 
     items = []
+    # a DICOM slide's items name its level-0 instance file, which MONAI's OpenSlide reader opens (not the folder)
+    image = (meta.get("dicom") or {}).get("level0_file") or meta["image"]
     with open(Path(output_dir) / meta["slide_id"] / "patches.csv", newline="") as f:
         for d in csv.DictReader(f):
             label = int(d["label"])
             if label == PatchLabel.NOLABEL and not include_nolabel:
                 continue
-            items.append({"image": meta["image"], "location": [int(d["y"]), int(d["x"])],
+            items.append({"image": image, "location": [int(d["y"]), int(d["x"])],
                           "size": [int(d["patch_size"])] * 2, "level": int(d["level"]), "label": label,
                           "row": int(d["row"]), "col": int(d["col"]), "slide_id": meta["slide_id"]})
     return items
