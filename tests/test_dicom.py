@@ -261,3 +261,23 @@ def test_dicom_input_without_the_extra_names_it(synth, monkeypatch):
     assert [(i.image, i.slide_id) for i in inputs] == [(str(folder), "s1_dicom")]
     with pytest.raises(WSIReadError, match=r"the `dicom` extra: pip install -e \"\.\[dicom\]\""):
         open_slide(folder)
+
+
+def test_dicom_output_options_and_bad_input(synth, tmp_path):
+    from monai_wsi_ext.errors import ConfigError
+    from monai_wsi_ext.outputs.dicom import write_dicom_annotations, write_dicom_seg
+    from monai_wsi_ext.outputs.handlers import dicom_seg_types
+
+    assert dicom_seg_types(None) == dicom_seg_types("off") == ()
+    assert dicom_seg_types("both") == ("fractional", "binary") == dicom_seg_types(["fractional", "binary", "both"])
+    assert dicom_seg_types("Binary") == ("binary",)
+    with pytest.raises(ConfigError, match="dicom_seg"):
+        dicom_seg_types("labelmap")
+    series = resolve_wsi_series(synth[1])
+    with pytest.raises(ValueError, match="probabilities in"):
+        write_dicom_seg(tmp_path / "x.dcm", np.full((4, 4), 2.0), 64, series)
+    with pytest.raises(ValueError, match="segmentation_type"):
+        write_dicom_seg(tmp_path / "x.dcm", np.zeros((4, 4)), 64, series, "labelmap")
+    with pytest.raises(ValueError, match="no tumor regions"):
+        write_dicom_annotations(tmp_path / "a.dcm", [], series)
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -60,7 +60,8 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
 
 
 def dicom_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """The DICOM files in ``folder`` (sorted; hidden files left out), optionally in its sub-folders too."""
+    """The DICOM files in ``folder`` (sorted; hidden files left out), optionally in its sub-folders too: files named
+    ``*.dcm``/``*.dicom``, without a suffix, or with a numeric one (``1.2.840...5``), that start as DICOM Part 10."""
     folder = Path(folder)
     pattern = folder.rglob("*") if recursive else folder.iterdir()
     found = []
