@@ -370,8 +370,8 @@ def run_sharded(evaluator) -> None:
         evaluator.run()
         return
     summary = getattr(evaluator, "distributed_summary", None)
-    if summary is None:
-        logger.warning("no slide to do on this rank and no DistributedSummary attached; nothing run")
+    if summary is None:  # e.g. the archive command, which meets the other ranks after this call
+        logger.info("rank %d: no slide to do", rank_and_world()[0])
         return
     logger.info("rank %d: no slide to do", summary.dataset.rank)
     summary.started(evaluator)

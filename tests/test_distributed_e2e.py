@@ -179,6 +179,10 @@ def test_overlay_shards_slides_and_keeps_writers_on_rank_0(tiny):
         disabled.append([parser.get_parsed_content(f"{key}#{i}#_disabled_") for key, n in
                          (("train#handlers", 5), ("validate#handlers", 4)) for i in range(n)
                          if "_disabled_" in parser[f"{key}#{i}"]])
+    # the overlay switches handlers off by index: they must be the writers of train_e2e.json
+    targets = [[h["_target_"] for h in parser[key]] for key in ("train#handlers", "validate#handlers")]
+    assert targets[0][2:] == ["ignite.handlers.ProgressBar", "StatsHandler", "TensorBoardStatsHandler"], targets[0]
+    assert targets[1] == ["StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver", "CheckpointSaver"], targets[1]
     assert sorted(draws[0] + draws[1]) == [0, 1] and len(draws[0]) == len(draws[1]) == 1
     # rank 0 writes (progress bar off by default), rank 1 writes nothing
     assert disabled[0] == [True, False, False, False, False, False, False]
