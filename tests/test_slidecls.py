@@ -220,3 +220,29 @@ def test_slide_cnn_separates_tumor_from_tumor_free_held_out_slides(mixed_dataset
     assert sum(labels) == 4 and m["roc_auc"] >= 0.85 and m["accuracy"] >= 0.75, m
     assert all(math.isfinite(v) for v in scores.scores.values())
     assert scores.extra["thumb_mpp"] == 8.0 and scores.extra["backbone"] == "small_cnn"
+
+
+def test_evaluate_reports_slides_a_method_did_not_score_and_refuses_duplicate_methods(tmp_path):
+    from monai_wsi_ext.evaluation.report import evaluate_heatmaps
+
+    for sid, value, tumor in (("a", 0.9, True), ("b", 0.2, False), ("c", 0.7, True)):
+        d = tmp_path / "heat" / sid
+        d.mkdir(parents=True)
+        labels = np.zeros((4, 4), np.int64)
+        labels[0, 0] = 1 if tumor else 0
+        prob = np.full((4, 4), 0.1, np.float32)
+        prob[0, 0] = value
+        np.save(d / f"{sid}_prob.npy", prob)
+        np.save(d / f"{sid}_labels.npy", labels)
+        (d / f"{sid}_record.json").write_text(json.dumps({"cell_size": 64.0, "mpp": 0.5}))
+    f1 = write_slide_scores(tmp_path / "s1.json", "cnn", {"a": {"score": 0.8}, "b": {"score": 0.6}})
+    overall = evaluate_heatmaps(tmp_path / "heat", slide_predictions=[f1], write=False)["overall"]
+    rows = overall["slide_methods"]
+    assert rows["cnn"]["missing"] == ["c"] and rows["cnn"]["n"] == 2 and rows["cnn"]["accuracy"] == 0.5
+    assert rows["heatmap_max"]["n"] == 3 and rows["heatmap_max"]["accuracy"] == 1.0
+    assert overall["slide_accuracy"] == 1.0
+    f2 = write_slide_scores(tmp_path / "s2.json", "cnn", {"a": {"score": 0.8}})
+    with pytest.raises(MonaiWsiExtError, match="more than one file"):
+        evaluate_heatmaps(tmp_path / "heat", slide_predictions=[f1, f2], write=False)
+    with pytest.raises(MonaiWsiExtError, match="does not exist"):
+        evaluate_heatmaps(tmp_path / "heat", slide_predictions=str(tmp_path / "nope.json"), write=False)
