@@ -42,7 +42,8 @@ from monai_wsi_ext.model.predict import prob_grid
 from monai_wsi_ext.prep.prepare import PreparedSlide
 from monai_wsi_ext.slidecls.scores import read_slide_scores
 
-__all__ = ["GATE_MISSING", "SlideGate", "GatedSlideDataset", "HierarchicalReport", "chain_comparison"]
+__all__ = ["GATE_MISSING", "SlideGate", "GatedSlideDataset", "HierarchicalReport", "write_skipped_outputs",
+           "chain_comparison"]
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +333,8 @@ def chain_comparison(chain_dir: str | Path, full_dir: str | Path, truth: str | N
         out["chain_seconds"] = round(float(chain_seconds), 3)
         if "full_seconds" in out:
             out["saved_seconds"] = round(out["full_seconds"] - out["chain_seconds"], 3)
-            out["saved_fraction"] = round(out["saved_seconds"] / out["full_seconds"], 4) if out["full_seconds"] else None
+            full_s = out["full_seconds"]
+            out["saved_fraction"] = round(out["saved_seconds"] / full_s, 4) if full_s else None
     for name, group in (("chain", [chain[s] for s in ids]), ("full", [full[s] for s in ids])):
         hit, total = _patch_sensitivity(group, threshold)
         out[f"patch_sensitivity_{name}"] = hit / total if total else math.nan

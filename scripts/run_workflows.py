@@ -4,7 +4,7 @@ evaluated with the same metrics.
 
 Example:
     python scripts/run_workflows.py run                       # configs/experiments/workflows.json
-    python scripts/run_workflows.py run --quick               # smoke-test size (configs/experiments/workflows_quick.json)
+    python scripts/run_workflows.py run --quick               # smoke test (configs/experiments/workflows_quick.json)
     python scripts/run_workflows.py run --methods "[tile_unet,maskrcnn]" --output_dir /tmp/wf
 
 Every stage is a bundle config run through ``monai.bundle.run`` (the commands of ``bundle/docs/slide_level.md`` and
@@ -180,15 +180,17 @@ def run(output_dir: str = "workflows_output", preset: str = "workflows", quick: 
         infer["separate"] = (["inference.json"], {"mode": "canvas", **canvas})
     if "tile_unet" in need:
         t = cfg["tile_unet"]
-        stage("tile_unet: train", ["train_tile_seg.json"], tile_size=int(t["tile_size"]), max_epochs=int(t["max_epochs"]),
-              batch_size=int(t["batch_size"]), samples_per_epoch=int(t["samples_per_epoch"]),
+        stage("tile_unet: train", ["train_tile_seg.json"], tile_size=int(t["tile_size"]),
+              max_epochs=int(t["max_epochs"]), batch_size=int(t["batch_size"]),
+              samples_per_epoch=int(t["samples_per_epoch"]),
               learning_rate=float(t["learning_rate"]))
         infer["tile_unet"] = (["infer_tile_seg.json"], {"tile_size": int(t["tile_size"]),
                                                         "min_object_um2": float(t["min_object_um2"])})
     if "maskrcnn" in need:
         m = cfg["maskrcnn"]
-        stage("maskrcnn: train", ["train_maskrcnn.json"], tile_size=int(m["tile_size"]), max_epochs=int(m["max_epochs"]),
-              batch_size=int(m["batch_size"]), samples_per_epoch=int(m["samples_per_epoch"]),
+        stage("maskrcnn: train", ["train_maskrcnn.json"], tile_size=int(m["tile_size"]),
+              max_epochs=int(m["max_epochs"]), batch_size=int(m["batch_size"]),
+              samples_per_epoch=int(m["samples_per_epoch"]),
               learning_rate=float(m["learning_rate"]), val_interval=int(m["val_interval"]),
               val_max_tiles=int(m["val_max_tiles"]))
         infer["maskrcnn"] = (["infer_maskrcnn.json"], {"tile_size": int(m["tile_size"]),
@@ -259,8 +261,9 @@ def run(output_dir: str = "workflows_output", preset: str = "workflows", quick: 
                      "slide_roc_auc": r.get("roc_auc"), "slide_accuracy": r.get("accuracy"), "train_s": train_s,
                      "infer_s": infer_s})
     total = time.perf_counter() - t0
-    caption = (f"{d['n_test']} test slides ({d['n_train']} training, {d['n_val']} validation; {d['size']} px at 0.5 µm/px, "
-               f"{int(100 * d['tumor_free_fraction'])}% tumor-free, {d['patch_size']} px patches; generator "
+    caption = (f"{d['n_test']} test slides ({d['n_train']} training, {d['n_val']} validation; {d['size']} px at "
+               f"0.5 µm/px, {int(100 * d['tumor_free_fraction'])}% tumor-free, {d['patch_size']} px patches; "
+               f"generator "
                f"{json.dumps(d.get('generator', {}), sort_keys=True)}), seed {seed}; {total / 60:.0f} min on "
                f"{os.cpu_count()} CPU core(s), {torch.get_num_threads()} torch thread(s). Slide ROC-AUC/accuracy of "
                "heatmap rows: the heatmap maximum at 0.5.")
@@ -272,8 +275,8 @@ def run(output_dir: str = "workflows_output", preset: str = "workflows", quick: 
                f"{hier.get('patches_total')} patches, {hier.get('tiles_skipped')} tiles), tumor slides skipped "
                f"{hier['slides_with_tumor_skipped']}; {vs.get('chain_seconds')} s vs {vs.get('full_seconds')} s for "
                f"the full method (saved {_fmt(vs.get('saved_fraction'), 100)}%); sensitivity lost: slides "
-               f"{_fmt(vs.get('slide_sensitivity_lost'), 100)}%, tumor patches {_fmt(vs.get('patch_sensitivity_lost'), 100)}"
-               f"%, FROC {_fmt(vs.get('froc_lost'), 1, 3)}.\n")
+               f"{_fmt(vs.get('slide_sensitivity_lost'), 100)}%, tumor patches "
+               f"{_fmt(vs.get('patch_sensitivity_lost'), 100)}%, FROC {_fmt(vs.get('froc_lost'), 1, 3)}.\n")
     (root / "results.md").write_text(md)
     command = "python scripts/run_workflows.py run " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else ""
     results = {"config": cfg, "command": command, "rows": rows, "per_method": per_method, "hierarchical": hier,

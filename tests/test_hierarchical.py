@@ -101,7 +101,7 @@ def test_the_gate_skips_what_it_rejects_and_reports_it(mixed_dataset, trained):
     assert vs["patch_sensitivity_chain"] <= vs["patch_sensitivity_full"] + 1e-12
     assert "froc_chain" in vs and "froc_full" in vs
     # the chain's folder is a heatmap folder of every slide: evaluate.json scores it
-    ev = _run(["evaluate.json"], None, output_dir=o["output_dir"], heatmap_dir=str(out),
+    _run(["evaluate.json"], None, output_dir=o["output_dir"], heatmap_dir=str(out),
               truth_dir=str(mixed_dataset["manifest"]))
     assert json.loads((out / "metrics_overall.json").read_text())["n_slides"] == 8
 

@@ -13,7 +13,8 @@ what changes is the network and what it is trained on:
 * **Training** (:class:`MaskRCNNTrainer`): MONAI's ``SupervisedTrainer`` with ``_iteration`` overridden: the
   network's own loss dictionary (RPN, box and mask losses) summed.
 * **Validation and inference** see the network through :class:`MaskRCNNSemantic`: per tile, the per-pixel maximum
-  of the mask probabilities of the detections scoring at least ``maskrcnn_min_score``, returned as logits so the tile U-Net's validation metrics and
+  of the mask probabilities of the detections scoring at least ``maskrcnn_min_score``, returned as logits so the
+  tile U-Net's validation metrics and
   its inferer (:class:`~monai_wsi_ext.tileseg.infer.TileSegInferer`: sliding windows blended by
   :class:`~monai_wsi_ext.tileseg.infer.BlendMerger`) apply unchanged: the instance masks are restitched like the
   U-Net's probabilities. The wrapper also keeps each tile's detections in slide coordinates.
@@ -28,7 +29,6 @@ what changes is the network and what it is trained on:
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,8 +47,9 @@ from torch.utils.data import Dataset
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.io.atomic import write_json_atomic
 
-__all__ = ["BACKBONES", "DEFAULT_ANCHORS", "tile_instances", "InstanceTileDataset", "instance_collate", "build_maskrcnn",
-           "MaskRCNNTrainer", "MaskRCNNSemantic", "merge_instances", "InstanceWriter", "CANDIDATES_SUFFIX"]
+__all__ = ["BACKBONES", "DEFAULT_ANCHORS", "CANDIDATES_SUFFIX", "tile_instances", "InstanceTileDataset",
+           "instance_collate", "build_maskrcnn", "MaskRCNNTrainer", "MaskRCNNSemantic", "merge_instances",
+           "MaskRCNNInferer", "InstanceWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,8 @@ class MaskRCNNSemantic(nn.Module):
     """A detection network seen as a segmentation network: ``(B, 3, T, T)`` -> ``(B, 2, T, T)`` logits whose
     softmax's tumor channel is the per-pixel maximum of the mask probabilities of the detections scoring at least
     ``min_score`` (``eps`` without any): the usual reading of Mask R-CNN output (keep confident detections, their
-    masks at 0.5), as a map. The scores themselves rank the lesion candidates (:func:`merge_instances`). The detections of the last calls are kept (``keep_detections``) for :func:`merge_instances`.
+    masks at 0.5), as a map. The scores themselves rank the lesion candidates (:func:`merge_instances`). With
+    ``keep_detections`` the detections of each call are kept in ``detections`` for :func:`merge_instances`.
 
     Args:
         detector: a torchvision Mask R-CNN (:func:`build_maskrcnn`).
