@@ -246,3 +246,27 @@ def test_evaluate_reports_slides_a_method_did_not_score_and_refuses_duplicate_me
         evaluate_heatmaps(tmp_path / "heat", slide_predictions=[f1, f2], write=False)
     with pytest.raises(MonaiWsiExtError, match="does not exist"):
         evaluate_heatmaps(tmp_path / "heat", slide_predictions=str(tmp_path / "nope.json"), write=False)
+
+
+def test_camelyon17_classes_dataset_and_inferer(mixed_dataset):
+    """Four-class slide CNN data and inference: targets are the Camelyon17 classes of the annotations, P(tumor) is
+    one minus P(negative)."""
+    import torch
+
+    from monai_wsi_ext.prep.prepare import load_prepared_slides
+    from monai_wsi_ext.slidecls.cnn import SlideCNN, SlideCNNInferer, SlideThumbnailDataset
+    from monai_wsi_ext.slidecls.thumbnails import SLIDE_CLASSES
+
+    ds = SlideThumbnailDataset(str(mixed_dataset["prepared"]), "validation", thumb_mpp=8.0, thumb_size=64,
+                               classes="camelyon17", train=True)
+    names = [SLIDE_CLASSES["camelyon17"][t] for t in ds.targets]
+    assert [n != "negative" for n in names] == [bool(mixed_dataset["labels"][s]) for s in ds.slide_ids]
+    assert ds.labels.tolist() == [int(n != "negative") for n in names]
+    item = ds[0]
+    assert item["image"].shape == (3, 64, 64) and item["label"].dtype == torch.int64
+    net = SlideCNN("small_cnn", 4)
+    prepared = load_prepared_slides(mixed_dataset["prepared"], "validation")[0]
+    out = SlideCNNInferer(8.0, 64, "camelyon17").predict(prepared, net)
+    prepared.close()
+    assert len(out["probs"]) == 4 and out["score"] == pytest.approx(1.0 - out["probs"][0])
+    assert out["thumb"]["shape"] == [64, 64] and out["pred"] == int(np.argmax(out["probs"]))
