@@ -224,3 +224,28 @@ def test_multi_gpu_train_e2e_with_torchrun(tiny, tmp_path):
                                                       "unet_e2e.pt"]
     events = list((tmp_path / "logs").glob("events.out.tfevents.*"))
     assert events and len({p.name.split(".")[-2] for p in events}) == 1, [p.name for p in events]
+
+
+def test_resume_state_on_a_rank_without_best_model_savers(monkeypatch, tmp_path):
+    """Regression: resuming under ``torchrun`` failed on ranks > 0 ("the checkpoint tracks 2 best-model file(s),
+    this config 0"): the overlays create the best-model savers on rank 0 only. Such a rank now skips their record;
+    one process, or rank 0, still refuses a checkpoint of another config."""
+    import ignite.distributed as idist
+    from monai.handlers import CheckpointSaver
+
+    from monai_wsi_ext.engines.checkpoints import ResumeState
+    from monai_wsi_ext.errors import ConfigError
+
+    net = torch.nn.Linear(2, 2)
+    savers = [CheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_filename=f"{n}.pt")
+              for n in ("encoder_e2e", "unet_e2e")]
+    state = ResumeState(savers).state_dict()
+    assert len(state["best_savers"]) == 2
+    with pytest.raises(ConfigError, match="tracks 2 best-model"):
+        ResumeState([None, None]).load_state_dict(state)  # one process
+    monkeypatch.setattr(idist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    ResumeState([None, None]).load_state_dict(state)  # rank 1 of 2: the savers are rank 0's
+    monkeypatch.setattr(idist, "get_rank", lambda: 0)
+    with pytest.raises(ConfigError, match="tracks 2 best-model"):
+        ResumeState([None, None]).load_state_dict(state)

@@ -250,7 +250,8 @@ class ResumeState:
 
     Args:
         best_savers: the validation's best-model ``CheckpointSaver`` s (None entries, e.g. savers disabled on
-            ranks > 0, are ignored). They are switched to atomic writes (:func:`make_atomic`), and their record of
+            ranks > 0, are ignored; a rank > 0 without savers then skips the checkpoint's record of them, which
+            rank 0 restores). They are switched to atomic writes (:func:`make_atomic`), and their record of
             the best score is saved, so a resumed run replaces the best-model file only with a better model.
         evaluator: the validation engine (its ``best_metric``/``best_metric_epoch`` are kept).
         rng_sources: objects whose random generators are saved (e.g. the training data loader, reached through its
@@ -301,7 +302,11 @@ class ResumeState:
         return {"version": 1, "rng": rng, "best_savers": best, "evaluator": evaluator}
 
     def load_state_dict(self, state: Mapping) -> None:
+        import ignite.distributed as idist
+
         best = list(state.get("best_savers", []))
+        if best and not self.best_savers and idist.get_world_size() > 1 and idist.get_rank() > 0:
+            best = []  # the multi-GPU overlays create the best-model savers on rank 0 only; rank 0 restores them
         if len(best) != len(self.best_savers):
             raise ConfigError(f"the checkpoint tracks {len(best)} best-model file(s), this config "
                               f"{len(self.best_savers)}; it was written by another training config")
