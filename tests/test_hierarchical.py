@@ -119,19 +119,22 @@ def test_a_gate_that_rejects_every_slide_completes_and_reports_all(mixed_dataset
     assert summary["gate"] == "low" and summary["tiles_inferred"] > 0
 
 
-def test_the_overlay_gates_the_canvas_method_too(mixed_dataset, trained):
-    """hierarchical.json over inference.json (the canvas method): the dataloader serves the gated dataset and the
-    report runs before the inference summary."""
+@pytest.mark.parametrize("base, inferer", [("inference.json", "CanvasInferer"),
+                                           ("infer_maskrcnn.json", "MaskRCNNInferer")])
+def test_the_overlay_gates_the_canvas_method_and_mask_rcnn_too(mixed_dataset, trained, base, inferer):
+    """hierarchical.json over inference.json (the canvas method) or infer_maskrcnn.json: the dataloader serves the
+    gated dataset and the report runs before the inference summary."""
     from monai_wsi_ext.hierarchical import GatedSlideDataset, HierarchicalReport
     from monai_wsi_ext.outputs.handlers import InferenceSummary
 
-    wf = _workflow(["inference.json", "hierarchical.json"], "infer", gate_thumb_mpp=8.0, gate_thumb_size=64,
-                   canvas_size=32, **trained["overrides"])
+    extra = {"canvas_size": 32} if base == "inference.json" else {"tile_size": 128}
+    wf = _workflow([base, "hierarchical.json"], "infer", gate_thumb_mpp=8.0, gate_thumb_size=64, **extra,
+                   **trained["overrides"])
     loader = wf.parser.get_parsed_content("dataloader")
     assert isinstance(loader.dataset, GatedSlideDataset)
     kinds = [type(h) for h in wf.parser.get_parsed_content("evaluator#val_handlers")]
     assert kinds.index(HierarchicalReport) == len(kinds) - 2 and kinds[-1] is InferenceSummary
-    assert wf.parser.get_parsed_content("hierarchical_chain")[1] == "CanvasInferer"
+    assert wf.parser.get_parsed_content("hierarchical_chain")[1] == inferer
 
 
 def test_aggregation_of_the_tile_unet_heatmaps(mixed_dataset, trained, tmp_path):
