@@ -79,8 +79,14 @@ def plan(slides: str, output_dir: str, config_file=None, checksum: str = "stat",
     from monai_wsi_ext.inference.archive import run_archive
     from monai_wsi_ext.utils import setup_logging
 
+    from monai_wsi_ext.errors import MonaiWsiExtError
+
     setup_logging(log_level)
-    result = run_archive(str(slides), output_dir, _files(config_file), overrides, checksum=checksum, dry_run=True)
+    try:
+        result = run_archive(str(slides), output_dir, _files(config_file), overrides, checksum=checksum, dry_run=True)
+    except MonaiWsiExtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(json.dumps({"listed": len(result["listed"]), "todo": result["todo"]}, indent=1))
 
 

@@ -224,3 +224,11 @@ def test_archive_refuses_unknown_and_ill_typed_overrides(archive, tmp_path):
     with pytest.raises(ConfigError, match="progress_bar"):
         run_archive(archive["slides"], tmp_path, FILES, {**archive["overrides"], "progress_bar": "true"}, dry_run=True)
     assert not (tmp_path / "index.json").exists()
+
+
+def test_cli_reports_a_bad_archive_without_traceback(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "batch_inference.py"), "plan", "--slides",
+                          str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "error: `slides` must be a folder" in res.stderr and "Traceback" not in res.stderr

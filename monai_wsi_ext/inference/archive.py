@@ -365,7 +365,7 @@ def run_archive(slides: str | os.PathLike, output_dir: str | os.PathLike, config
                             "mtime_ns": s["mtime_ns"], "sha256": s.get("sha256")} for s in todo]
                 write_json_atomic(out / "index_todo.json", {"model_key": key, "slides": records})
         except (ConfigError, MonaiWsiExtError, OSError) as e:
-            plan = {"error": f"{type(e).__name__}: {e}"}
+            plan = {"error": str(e), "config": isinstance(e, ConfigError), "kind": type(e).__name__}
         else:
             counts: dict[str, int] = {}
             for why in reasons.values():
@@ -375,8 +375,8 @@ def run_archive(slides: str | os.PathLike, output_dir: str | os.PathLike, config
     else:
         plan = None
     plan = broadcast_object(plan)
-    if "error" in plan:
-        raise ConfigError(plan["error"])
+    if "error" in plan:  # raised on every rank
+        raise ConfigError(plan["error"]) if plan["config"] else MonaiWsiExtError(f"{plan['kind']}: {plan['error']}")
     result = {"listed": plan["listed"], "todo": plan["todo"], "index": None}
     if dry_run:
         return result
