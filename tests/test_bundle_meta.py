@@ -274,8 +274,14 @@ class TestExport(unittest.TestCase):
         with self.assertLogs(module.logger, level="WARNING") as logs:
             written = module.main(str(ckpt_dir), output_dir=str(self.dir / "exported"), bundle_root=str(BUNDLE))
         self.assertIn("encoder.pt does not exist", "\n".join(logs.output))
-        self.assertEqual(written, {"unet": str(self.dir / "exported" / "unet.ts")})
-        self.assertEqual(tuple(torch.jit.load(written["unet"])(torch.rand(1, 16, 16, 16)).shape), (1, 2, 16, 16))
+        self.assertEqual(written, {"unet": str(self.dir / "exported" / "unet.onnx")})  # ONNX is the default format
+        from monai_wsi_ext.runtime import RuntimeNetwork
+
+        onnx_unet = RuntimeNetwork(None, "unet", "onnxruntime", model_file=written["unet"])
+        self.assertEqual(tuple(onnx_unet(torch.rand(1, 16, 16, 16)).shape), (1, 2, 16, 16))
+        legacy = module.main(str(ckpt_dir), output_dir=str(self.dir / "exported"), bundle_root=str(BUNDLE),
+                             networks="unet", format="torchscript")
+        self.assertEqual(tuple(torch.jit.load(legacy["unet"])(torch.rand(1, 16, 16, 16)).shape), (1, 2, 16, 16))
         with self.assertRaises(SystemExit):
             module.main(str(ckpt_dir), networks="encoder", bundle_root=str(BUNDLE))
 

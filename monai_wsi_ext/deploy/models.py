@@ -2,12 +2,15 @@
 
 Model folders, as ``scripts/export_bundle.py`` writes them or as a MONAI Application Package holds them::
 
-    models/encoder.ts, models/unet.ts                     # export_bundle output (or encoder_e2e.ts, ...)
+    models/encoder.onnx, models/unet.onnx                 # export_bundle output (or encoder_e2e.onnx, ...)
+    models/encoder.int8.onnx + encoder.int8.calibration.json   # scripts/calibrate_int8.py (precision int8)
+    models/encoder.ts, models/unet.ts                     # legacy TorchScript export
     models/encoder/<one file>, models/unet/<one file>     # MONAI Deploy "named model" layout
 
-Each ``.ts`` carries the settings it was trained with (:data:`monai_wsi_ext.export.bundle.SETTINGS_FILE`: patch
-size and level, crop, canvas size and mode, stain normalisation, mpp), so the slides are tiled as in training
-without a config file next to the models.
+Each model carries the settings it was trained with (ONNX: ``metadata_props``; ``.ts``:
+:data:`monai_wsi_ext.export.bundle.SETTINGS_FILE`: patch size and level, crop, canvas size and mode, stain
+normalisation, mpp), so the slides are tiled as in training without a config file next to the models. ONNX models
+run on ONNX Runtime or OpenVINO (``runtime``, :mod:`monai_wsi_ext.runtime`); ``.ts`` files run in torch.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ _SHARED = ("feature_dim", "patch_size", "patch_level", "crop_size", "canvas_size
 
 @dataclass
 class ExportedModels:
-    """Loaded TorchScript networks, their files and the settings embedded in them."""
+    """Loaded networks (ONNX on a runtime, or legacy TorchScript), their files and the settings embedded in them."""
 
     encoder: torch.nn.Module
     unet: torch.nn.Module | None
@@ -42,14 +45,17 @@ class ExportedModels:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def find_model_files(model_path: str | os.PathLike, suffix: str | None = None) -> dict[str, Path]:
-    """Locate the encoder and U-Net TorchScript files in a model folder.
+def find_model_files(model_path: str | os.PathLike, suffix: str | None = None, precision: str = "fp32"
+                     ) -> dict[str, Path]:
+    """Locate the encoder and U-Net model files in a model folder.
 
     Args:
-        model_path: a folder with ``encoder{suffix}.ts``/``unet{suffix}.ts``, or with sub-folders ``encoder/`` and
-            ``unet/`` holding one file each (MONAI Deploy's named-model layout).
+        model_path: a folder with ``encoder{suffix}.onnx``/``unet{suffix}.onnx`` (or the legacy ``.ts``; ONNX is
+            taken when both are there), or with sub-folders ``encoder/`` and ``unet/`` holding one file each
+            (MONAI Deploy's named-model layout).
         suffix: ``""`` (separate training) or ``"_e2e"`` (end-to-end); ``None`` accepts either when only one is
             present.
+        precision: ``int8`` takes the calibrated ``encoder{suffix}.int8.onnx`` (the U-Net stays fp32).
 
     Returns:
         ``{"encoder": path, "unet": path}``; ``unet`` is absent when the folder has only an encoder (then only
@@ -71,33 +77,61 @@ def find_model_files(model_path: str | os.PathLike, suffix: str | None = None) -
                                   f"{sorted(p.name for p in files)}.")
             found[name] = files[0]
             continue
-        if suffix is not None:
-            candidates = [root / f"{name}{suffix}.ts"] if (root / f"{name}{suffix}.ts").is_file() else []
-        else:
-            candidates = sorted(p for p in root.glob(f"{name}*.ts") if p.stem in (name, f"{name}_e2e"))
-        if len(candidates) > 1:
-            raise ConfigError(f"{root}: several {name} models {[p.name for p in candidates]}; choose one with "
-                              "`suffix` ('' for separate training, '_e2e' for end-to-end).")
-        if candidates:
-            found[name] = candidates[0]
+        # int8 applies to the encoder; the U-Net stays fp32
+        ext = ".int8.onnx" if precision == "int8" and name == "encoder" else None
+        by_format = {}
+        for fmt in ([ext] if ext else [".onnx", ".ts"]):
+            stems = [suffix] if suffix is not None else ["", "_e2e"]
+            hits = [root / f"{name}{s}{fmt}" for s in stems if (root / f"{name}{s}{fmt}").is_file()]
+            if len(hits) > 1:
+                raise ConfigError(f"{root}: several {name} models {[p.name for p in hits]}; choose one with "
+                                  "`suffix` ('' for separate training, '_e2e' for end-to-end).")
+            if hits:
+                by_format[fmt] = hits[0]
+        if by_format:
+            found[name] = next(iter(by_format.values()))  # ONNX before the legacy TorchScript file
+            if len(by_format) > 1:
+                logger.info("%s: using %s (also found %s)", root, found[name].name,
+                            [p.name for p in list(by_format.values())[1:]])
     if "encoder" not in found:
-        raise ConfigError(f"{root}: no encoder model (expected encoder.ts, encoder_e2e.ts or encoder/<file>); "
-                          "export one with scripts/export_bundle.py.")
+        want = "encoder.int8.onnx (scripts/calibrate_int8.py)" if precision == "int8" else \
+            "encoder.onnx, encoder_e2e.onnx, encoder.ts or encoder/<file>"
+        raise ConfigError(f"{root}: no encoder model (expected {want}); export one with scripts/export_bundle.py.")
     return found
 
 
 def load_exported_models(model_path: str | os.PathLike, device: str | torch.device = "cpu",
-                         suffix: str | None = None) -> ExportedModels:
-    """Load the TorchScript encoder (and U-Net) from a model folder, with their embedded settings.
+                         suffix: str | None = None, runtime: str | None = None, precision: str | None = None
+                         ) -> ExportedModels:
+    """Load the encoder (and U-Net) from a model folder, with their embedded settings.
+
+    Args:
+        model_path: see :func:`find_model_files`.
+        device: where the networks run.
+        suffix: see :func:`find_model_files`.
+        runtime: for ONNX models: ``onnxruntime``, ``openvino``, ``tensorrt`` or ``auto`` (the fastest installed;
+            see :mod:`monai_wsi_ext.runtime`); legacy ``.ts`` files run in torch. None: the ``WSI_CANVAS_RUNTIME``
+            environment variable (how the Deploy application is configured), else ``auto``.
+        precision: ``fp32`` or ``int8`` (the calibrated encoder, refused without its calibration report). None:
+            ``WSI_CANVAS_PRECISION``, else ``fp32``.
 
     Raises:
-        ConfigError: missing files, or encoder and U-Net exported with different settings.
+        ConfigError: missing files, a runtime that is not installed (naming its extra), an int8 model without its
+            report, or encoder and U-Net exported with different settings.
     """
-    files = find_model_files(model_path, suffix)
+    from monai_wsi_ext.runtime.backends import check_precision
+
+    runtime = runtime or os.environ.get("WSI_CANVAS_RUNTIME") or "auto"
+    precision = precision or os.environ.get("WSI_CANVAS_PRECISION") or "fp32"
+    if check_precision(precision) == "bf16":
+        raise ConfigError("exported models run at `precision` 'fp32' or 'int8' ('bf16' is for the torch runtime of "
+                          "the bundle configs and for OpenVINO through `runtime`).")
+    files = find_model_files(model_path, suffix, precision)
     settings: dict[str, Any] = {}
     nets = {}
     for name, path in files.items():
-        nets[name], got = load_exported(path, device)
+        nets[name], got = load_exported(path, device, runtime=runtime,
+                                        precision=precision if name == "encoder" else "fp32")
         clash = {k: (settings[k], got[k]) for k in _SHARED if k in settings and k in got and settings[k] != got[k]}
         if clash:
             raise ConfigError(f"{path}: exported with settings that differ from the encoder's: {clash}; export both "
@@ -122,7 +156,7 @@ def list_slides(folder: str | os.PathLike) -> list[str]:
 
 
 def run_exported_inference(slides, output_dir: str | os.PathLike, models: ExportedModels, mode: str | None = None,
-                           threshold: float = 0.5, batch_size: int = 64, backend: str = "auto",
+                           threshold: float = 0.5, batch_size: int | None = None, backend: str = "auto",
                            mpp: float | None = None, device: str | torch.device = "cpu",
                            prepare: dict | None = None, itk_format: str | None = None,
                            dicom_seg: str | list | None = None, dicom_annotations: bool = False) -> dict:
@@ -135,7 +169,8 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
         models: from :func:`load_exported_models`.
         mode: ``canvas`` (encoder + U-Net) or ``classifier``; default ``canvas`` when a U-Net is loaded.
         threshold: tumor threshold of the GeoJSON regions.
-        batch_size: patches per encoder call.
+        batch_size: patches per encoder call (default: 16 on the CPU, the fastest batch on 2 cores in
+            BENCHMARKS.md's encoder table; 64 on a GPU).
         backend: slide reader.
         mpp: level-0 µm/px for slides whose files carry none (overrides the embedded ``mpp``).
         device: where the networks run.
@@ -155,7 +190,7 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
     st = models.settings
     mode = mode or ("canvas" if models.unet is not None else "classifier")
     if mode == "canvas" and models.unet is None:
-        raise ConfigError("mode 'canvas' needs a U-Net model (unet.ts) next to the encoder.")
+        raise ConfigError("mode 'canvas' needs a U-Net model (unet.onnx or unet.ts) next to the encoder.")
     prep = dict(st.get("prepare") or {})
     prep.setdefault("patch_size", st.get("patch_size", 256))
     prep.setdefault("level", st.get("patch_level", 0))
@@ -167,7 +202,7 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
         output_dir=str(output_dir), encoder=models.encoder, unet=models.unet if mode == "canvas" else None,
         slides=slides, prepare=prep, canvas_size=int(st.get("canvas_size", 512)),
         canvas_mode=str(st.get("canvas_mode", "slide")), mode=mode, threshold=float(threshold), device=device,
-        batch_size=int(batch_size), crop_size=st.get("crop_size", 224), backend=backend,
+        batch_size=int(batch_size or (16 if torch.device(device).type == "cpu" else 64)), crop_size=st.get("crop_size", 224), backend=backend,
         stain_normalize=bool(st.get("stain_normalize", False)),
         config={"models": models.files, "settings": st, "mode": mode, "threshold": threshold},
         weight_files={k: v for k, v in models.files.items() if mode == "canvas" or k == "encoder"},

@@ -1,10 +1,12 @@
-"""Bundle housekeeping: offline metadata verification and TorchScript export of the two networks.
+"""Bundle housekeeping: offline metadata verification and export of the two networks (ONNX; TorchScript, legacy).
 
 MONAI's ``verify_metadata`` downloads the schema named in ``metadata.json``; :func:`verify_bundle_metadata` checks
 the same file against the schema shipped in this package (``monai_wsi_ext/export/schema/bundle_meta_schema.json``) with no
 network access. :func:`export_network` is a thin wrapper of ``monai.bundle.ckpt_export`` that picks the bundle
 configs for the encoder or the U-Net, writes the ``.ts`` file atomically and checks that the exported module gives
-the eager network's outputs.
+the eager network's outputs. :func:`export_onnx_network` is the same for ONNX (``torch.onnx.export``, dynamo exporter;
+:mod:`monai_wsi_ext.runtime.onnx`), the format ``scripts/export_bundle.py`` writes by default: TorchScript's
+``torch.jit.script/save/load`` are deprecated in this torch release, and ``.ts`` files are kept loadable as legacy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "bundle_config_files",
     "verify_bundle_metadata",
     "export_network",
+    "export_onnx_network",
     "check_exported",
     "SETTINGS_FILE",
     "SETTINGS_KEYS",
@@ -309,14 +312,106 @@ def _embed_settings(ts_file: Path, config_files: Sequence[str], meta_file: str, 
     Path(ts_file).write_bytes(buf.getbuffer())
 
 
-def load_exported(ts_file: str | os.PathLike, map_location: str | torch.device = "cpu"
-                  ) -> tuple[torch.jit.ScriptModule, dict]:
-    """Load an exported ``.ts`` file once: the module (eval mode) and the settings :func:`export_network` embedded
-    in it (``{}`` for files exported otherwise).
+def export_onnx_network(
+    network: str,
+    ckpt_file: str | os.PathLike,
+    filepath: str | os.PathLike,
+    bundle_root: str | os.PathLike = "bundle",
+    extra_config_files: Sequence[str | os.PathLike] = (),
+    meta_file: str | os.PathLike | None = None,
+    key_in_ckpt: str = "",
+    check_shape: Sequence[int] | None = None,
+    atol: float = 1e-4,
+    dynamo: bool = True,
+    **override: Any,
+) -> Path:
+    """Export one trained network to ONNX, checked against the eager network, with the bundle's metadata and the
+    resolved inference settings in the model's ``metadata_props``.
+
+    The network is ``network_def`` of the same configs :func:`export_network` uses (``common.json`` + the network's
+    training config + overlays). The encoder graph returns ``features`` and ``logits``, with a dynamic batch; the
+    U-Net graph takes canvases of any batch and size (see :mod:`monai_wsi_ext.runtime.onnx`).
+
+    Args:
+        network: ``"encoder"`` or ``"unet"``.
+        ckpt_file: the training checkpoint.
+        filepath: the ``.onnx`` file to write (atomically, after the check).
+        bundle_root, extra_config_files, meta_file, key_in_ckpt, override: see :func:`export_network`.
+        check_shape: input of the ONNX-Runtime-vs-eager check (default (2, 3, S, S) for the encoder, S the
+            ``crop_size`` or else the ``patch_size`` of the settings, which the encoder graph is exported for;
+            (1, C, 64, 64) for the U-Net); an empty sequence skips it (and ONNX Runtime is then not needed).
+        atol: largest absolute difference of any output accepted by the check.
+        dynamo: the ``torch.export``-based exporter (default).
+
+    Returns:
+        The written path.
 
     Raises:
-        ConfigError: the file is not a TorchScript archive or its settings are not JSON.
+        ConfigError: a missing checkpoint/config, a missing ``onnx`` extra, or outputs that differ beyond ``atol``.
     """
+    from monai_wsi_ext.runtime.backends import open_session
+    from monai_wsi_ext.runtime.onnx import META_BUNDLE, export_onnx, onnx_max_abs_diff
+
+    ckpt_file = Path(ckpt_file)
+    if not ckpt_file.is_file():
+        raise ConfigError(f"`ckpt_file` {str(ckpt_file)!r} does not exist; train the {network} first.")
+    filepath = Path(filepath)
+    if filepath.suffix != ".onnx":
+        raise ConfigError(f"`filepath` must end in .onnx, got {str(filepath)!r}.")
+    config_files = bundle_config_files(network, bundle_root, extra_config_files)
+    meta = str(meta_file) if meta_file is not None else str(Path(bundle_root) / "configs" / "metadata.json")
+    eager = _eager_network(config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override)
+    settings = _resolved_settings(config_files, meta, bundle_root, override)
+    side = int(settings.get("crop_size") or settings.get("patch_size") or 224)
+    example = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)) if network == "encoder" else None
+    data = export_onnx(eager, network, example=example, settings=settings, dynamo=dynamo,
+                       metadata={META_BUNDLE: Path(meta).read_text(encoding="utf-8")})
+    if check_shape is None or len(check_shape):
+        if check_shape is None:
+            check_shape = (2, 3, side, side) if network == "encoder" else \
+                (1, int(getattr(eager, "in_channels", 16)), 64, 64)
+        x = torch.rand(*check_shape, generator=torch.Generator().manual_seed(0))
+        diff = onnx_max_abs_diff(open_session(data, "onnxruntime"), eager, network, x)
+        if max(diff.values()) > atol:
+            raise ConfigError(f"{filepath}: the ONNX {network} differs from the eager network on input "
+                              f"{tuple(check_shape)}: max |diff| {diff} > {atol}.")
+        logger.info("ONNX %s matches the eager network (max |diff| %s)", network, diff)
+    with atomic_path(filepath) as tmp:
+        Path(tmp).write_bytes(data)
+        Path(tmp).chmod(0o644)
+    logger.info("exported %s -> %s", network, filepath)
+    return filepath
+
+
+def load_exported(ts_file: str | os.PathLike, map_location: str | torch.device = "cpu", runtime: str = "auto",
+                  precision: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Load an exported model file once: the module (eval mode) and the settings embedded in it (``{}`` for files
+    exported otherwise).
+
+    ``.onnx`` files (:func:`export_onnx_network`, ``scripts/calibrate_int8.py``) become a
+    :class:`~monai_wsi_ext.runtime.RuntimeNetwork` on ``runtime`` (``auto``: the fastest installed ONNX runtime;
+    an int8 model is refused without its calibration report). ``.ts`` files (:func:`export_network`, legacy) are
+    loaded with ``torch.jit.load`` and run in torch whatever ``runtime`` says.
+
+    Raises:
+        ConfigError: the file is not a TorchScript archive or ONNX model, its settings are not JSON, its runtime is
+            not installed (naming the extra), or an int8 model lacks its calibration report.
+    """
+    if Path(ts_file).suffix == ".onnx":
+        from monai_wsi_ext.runtime.modules import RuntimeNetwork
+        from monai_wsi_ext.runtime.onnx import META_NETWORK, read_onnx_metadata
+
+        if runtime == "torch":
+            raise ConfigError(f"{ts_file}: an ONNX model needs `runtime` 'onnxruntime', 'openvino' or 'auto', "
+                              "not 'torch'.")
+        meta = read_onnx_metadata(ts_file)
+        kind = meta.get(META_NETWORK)
+        if kind not in ("encoder", "unet"):
+            raise ConfigError(f"{ts_file}: not a model exported by this package (metadata {META_NETWORK!r} is "
+                              f"{kind!r}).")
+        net = RuntimeNetwork(None, kind, runtime, precision or meta.get("wsi_canvas.precision", "fp32"), ts_file,
+                             device=map_location)
+        return net.eval(), dict(net.settings)
     extra = {SETTINGS_FILE: ""}
     try:
         module = torch.jit.load(str(ts_file), map_location=map_location, _extra_files=extra)

@@ -26,6 +26,7 @@ from monai_wsi_ext.inference.slides import SlideDataset
 from monai_wsi_ext.io.wsi import SlideReader
 from monai_wsi_ext.model.predict import CanvasInferer
 from monai_wsi_ext.outputs.handlers import FeatureSummary, FeatureWriter
+from monai_wsi_ext.runtime.modules import runtime_network
 from monai_wsi_ext.utils import resolve_device
 
 __all__ = ["FeatureExtractor"]
@@ -59,12 +60,20 @@ class FeatureExtractor:
         channels_last: NHWC memory format (about 2x faster on CPU for GoogLeNet).
         overwrite: recompute every slide.
         num_workers: decoder threads of the batched patch reads.
+        runtime: ``torch`` (default), ``onnxruntime``, ``openvino``, ``tensorrt`` or ``auto`` (see
+            :func:`monai_wsi_ext.runtime.runtime_network`; an ONNX runtime exports the loaded encoder when the run
+            starts).
+        precision: ``fp32``, ``bf16`` or ``int8`` (the calibrated ``int8_encoder``); a precision other than fp32
+            enters the feature files' cache key.
+        int8_encoder: the calibrated int8 encoder (``scripts/calibrate_int8.py``).
+        runtime_threads: runtime threads (default: torch's).
     """
 
     def __init__(self, prepared_dir: str, output_dir: str, encoder: torch.nn.Module, checkpoint: str | None = None,
                  device="auto", splits: Sequence[str] | None = None, batch_size: int = 64,
                  crop_size: int | None = 224, stain_normalize: bool = False, backend: str = "auto",
-                 channels_last: bool = True, overwrite: bool = False, num_workers: int = 2):
+                 channels_last: bool = True, overwrite: bool = False, num_workers: int = 2, runtime: str = "torch",
+                 precision: str = "fp32", int8_encoder: str | None = None, runtime_threads: int | None = None):
         self.prepared_dir, self.output_dir = Path(prepared_dir), Path(output_dir)
         self.device = resolve_device(device)
         self.encoder = encoder.to(self.device)
@@ -73,10 +82,13 @@ class FeatureExtractor:
                                  transform=make_patch_transform(False, crop_size, stain_normalize),
                                  num_workers=num_workers)
         self.loader = StrictCheckpointLoader(checkpoint, self.encoder, "encoder_ckpt")
-        self.inferer = CanvasInferer(self.encoder, batch_size=batch_size, channels_last=channels_last,
+        self.run_encoder = runtime_network(self.encoder, "encoder", runtime, precision, int8_encoder, runtime_threads)
+        self.inferer = CanvasInferer(self.run_encoder, batch_size=batch_size, channels_last=channels_last,
                                      mode="classifier")
-        self.writer = FeatureWriter(output_dir, self.encoder, checkpoint,
-                                    {"crop": crop_size, "stain": stain_normalize}, overwrite)
+        desc = {"crop": crop_size, "stain": stain_normalize}
+        if precision != "fp32":  # as extract_features.json#handlers#1#transform_desc
+            desc.update(precision=precision, model=int8_encoder)
+        self.writer = FeatureWriter(output_dir, self.encoder, checkpoint, desc, overwrite)
 
     def _load(self) -> None:
         """Strict checkpoint loading (what the config's ``StrictCheckpointLoader`` does when the run starts), done

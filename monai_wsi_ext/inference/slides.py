@@ -26,6 +26,7 @@ from monai_wsi_ext.model.predict import CanvasInferer
 from monai_wsi_ext.outputs.handlers import HeatmapWriter, InferenceSummary
 from monai_wsi_ext.prep.prepare import PrepareConfig, SlideInput, collect_inputs, load_prepared_slides, \
     prepare_config, prepare_in_memory, slide_timeout_for
+from monai_wsi_ext.runtime.modules import runtime_network
 from monai_wsi_ext.utils import resolve_device, split_set
 
 __all__ = ["SlideDataset", "SlideInference"]
@@ -125,6 +126,13 @@ class SlideInference:
         itk_format: also write the map as an ITK image (``nrrd``/``mha``).
         dicom_seg, dicom_annotations: DICOM outputs for DICOM slides (see
             :class:`~monai_wsi_ext.outputs.handlers.HeatmapWriter`).
+        runtime: ``torch`` (default), ``onnxruntime``, ``openvino``, ``tensorrt`` or ``auto`` (the fastest installed),
+            for both networks (:func:`monai_wsi_ext.runtime.runtime_network`; an ONNX runtime exports the loaded
+            networks when the run starts). Networks that already are :class:`~monai_wsi_ext.runtime.RuntimeNetwork`
+            (exported models) keep their own.
+        precision: ``fp32``, ``bf16`` or ``int8`` (the encoder from ``int8_encoder``; the U-Net stays fp32).
+        int8_encoder: the calibrated int8 encoder (``scripts/calibrate_int8.py``), with ``precision="int8"``.
+        runtime_threads: runtime threads (default: torch's).
     """
 
     def __init__(self, output_dir: str, encoder: torch.nn.Module, unet: torch.nn.Module | None = None,
@@ -134,7 +142,9 @@ class SlideInference:
                  mode: str = "canvas", threshold: float = 0.5, device="auto", batch_size: int = 64,
                  crop_size: int | None = 224, backend: str = "auto", channels_last: bool = True,
                  stain_normalize: bool = False, config: dict | None = None, weight_files: dict | None = None,
-                 itk_format: str | None = None, dicom_seg: str | list | None = None, dicom_annotations: bool = False):
+                 itk_format: str | None = None, dicom_seg: str | list | None = None, dicom_annotations: bool = False,
+                 runtime: str = "torch", precision: str = "fp32", int8_encoder: str | None = None,
+                 runtime_threads: int | None = None):
         if mode not in ("canvas", "classifier"):
             raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
         if mode == "canvas" and unet is None:
@@ -152,7 +162,10 @@ class SlideInference:
         self.dataset_args = dict(slides=slides, manifest=manifest, prepared_dir=prepared_dir, split=split,
                                  prepare=prepare, reader=SlideReader(backend=prepare["backend"], mpp=prepare.get("mpp")),
                                  transform=make_patch_transform(False, crop_size, stain_normalize))
-        self.inferer = CanvasInferer(self.encoder, canvas_size, canvas_mode, batch_size, channels_last, mode)
+        self.run_encoder = runtime_network(self.encoder, "encoder", runtime, precision, int8_encoder, runtime_threads)
+        self.run_unet = None if self.unet is None else runtime_network(
+            self.unet, "unet", runtime, "fp32" if precision == "int8" else precision, None, runtime_threads)
+        self.inferer = CanvasInferer(self.run_encoder, canvas_size, canvas_mode, batch_size, channels_last, mode)
         self.loaders = [StrictCheckpointLoader(encoder_checkpoint, self.encoder, "encoder_ckpt")]
         if self.unet is not None and mode == "canvas":
             self.loaders.append(StrictCheckpointLoader(unet_checkpoint, self.unet, "unet_ckpt"))
@@ -161,7 +174,7 @@ class SlideInference:
     def run(self) -> dict:
         dataset = SlideDataset(**self.dataset_args)
         loader = DataLoader(dataset, batch_size=1, collate_fn=slide_collate, num_workers=0)
-        network = self.unet if self.mode == "canvas" else self.encoder
+        network = self.run_unet if self.mode == "canvas" else self.run_encoder
         evaluator = SlideEvaluator(self.device, loader, network=network, inferer=self.inferer, on_failure="skip",
                                    val_handlers=[*self.loaders, self.writer,
                                                  InferenceSummary(self.output_dir, self.mode)])

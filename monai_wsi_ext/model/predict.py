@@ -74,14 +74,20 @@ def encode_batches(encoder: nn.Module, batches: Iterable[torch.Tensor], device=N
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     features = getattr(encoder, "features", encoder)
     head = getattr(encoder, "head", None) if with_probs else None
+    # a runtime network (monai_wsi_ext.runtime.RuntimeNetwork) gives features and head logits in one call
+    both = getattr(encoder, "features_and_logits", None) if with_probs else None
     feats, probs = [], []
     with torch.no_grad():
         for batch in batches:
             x = batch.to(device=dev, dtype=dtype, non_blocking=non_blocking).contiguous(memory_format=fmt)
             with torch.autocast(dev.type, enabled=autocast):
-                f = features(x)
-                if head is not None:
-                    probs.append(torch.softmax(head(f).float(), dim=1)[:, 1].cpu())
+                if both is not None:
+                    f, logits = both(x)
+                    probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+                else:
+                    f = features(x)
+                    if head is not None:
+                        probs.append(torch.softmax(head(f).float(), dim=1)[:, 1].cpu())
             feats.append(f.float() if autocast else f)
     if feats:
         x = torch.cat(feats)
@@ -218,6 +224,8 @@ class CanvasInferer:
         if mode not in ("canvas", "classifier"):
             raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
         self.encoder, self.canvas_size, self.canvas_mode = encoder, int(canvas_size), canvas_mode
+        # ONNX runtimes take NCHW arrays (RuntimeNetwork.accepts_channels_last is False there)
+        channels_last = bool(channels_last) and getattr(encoder, "accepts_channels_last", True)
         self.batch_size, self.channels_last, self.mode = int(batch_size), channels_last, mode
         self.multiple, self.prefetch, self.prob_channel = multiple, prefetch, bool(prob_channel)
         if channels_last:
