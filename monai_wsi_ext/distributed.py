@@ -246,10 +246,15 @@ class ShardedSlideDataset(Dataset):
         ids = [str(getattr(e, "slide_id")) for e in items]
         plan = None
         if self.rank == 0 or not _distributed():
-            flags = [bool(skip_done and done is not None and done(e)) for e in items]
-            costs = [0.0 if f else float(cost(e)) for e, f in zip(items, flags)]
-            plan = {"ids": ids, "done": flags, "costs": costs}
+            try:
+                flags = [bool(skip_done and done is not None and done(e)) for e in items]
+                costs = [0.0 if f else float(cost(e)) for e, f in zip(items, flags)]
+                plan = {"ids": ids, "done": flags, "costs": costs}
+            except Exception as e:  # noqa: BLE001 - sent to every rank, so that none waits for a plan
+                plan = {"error": f"making the slide plan failed on rank 0: {type(e).__name__}: {e}"}
         plan = broadcast_object(plan)
+        if "error" in plan:
+            raise MonaiWsiExtError(plan["error"])
         if plan["ids"] != ids:
             raise ConfigError(f"rank {self.rank} lists other slides than rank 0 ({len(ids)} vs {len(plan['ids'])}; "
                               "every node must see the same slides under the same paths)")
@@ -287,8 +292,9 @@ class DistributedSummary:
     each other, so that no rank removes another's temporary file. On ``COMPLETED`` every rank's ``results``,
     ``failed`` and ``skipped`` are gathered; rank 0 writes the single-process summary of them (the same file and
     keys) with a ``distributed`` section (world size, backend, each rank's slides, cost and seconds from its start to
-    its last slide, the slides done before, which a feature summary also lists as ``skipped``); the summary is then broadcast and every rank raises the same
-    :class:`~monai_wsi_ext.errors.MonaiWsiExtError` when any slide failed, or when no slide was done at all.
+    its last slide, the slides done before, which a feature summary also lists as ``skipped``); the summary is then
+    broadcast and every rank raises the same :class:`~monai_wsi_ext.errors.MonaiWsiExtError` when any slide failed,
+    when no slide was done at all, or when rank 0 could not write the summary.
 
     Args:
         summary: the single-process summary handler.
@@ -323,8 +329,13 @@ class DistributedSummary:
         parts = gather_objects(mine)
         summary = None
         if self.dataset.rank == 0:
-            summary = self._write(parts)
+            try:
+                summary = self._write(parts)
+            except Exception as e:  # noqa: BLE001 - sent to every rank, so that none waits for the summary
+                summary = {"error": f"writing the merged summary failed on rank 0: {type(e).__name__}: {e}"}
         summary = broadcast_object(summary)
+        if "error" in summary:
+            raise MonaiWsiExtError(summary["error"])
         engine.state.summary = summary
         failed = summary.get("failed") or {}
         if failed:

@@ -270,3 +270,19 @@ def test_overlays_keep_the_single_process_handlers():
         assert {k: v for k, v in wrapped["summary"].items()} == base
         assert len(multi["handlers"]) == len(single["handlers"]) + 1
         assert [h["_target_"] for h in multi["handlers"][:index]] == [h["_target_"] for h in single["handlers"][:index]]
+
+
+def test_a_failing_done_check_stops_every_rank_with_its_reason():
+    """Rank 0 sends the failure instead of a plan (the other ranks would otherwise wait for the plan until the
+    collective timeout, a day)."""
+    from monai_wsi_ext.distributed import ShardedSlideDataset
+    from monai_wsi_ext.errors import MonaiWsiExtError
+
+    class Base:
+        items = [SimpleNamespace(slide_id="a", grid=range(3))]
+
+    def done(entry):
+        raise OSError("patches.csv: permission denied")
+
+    with pytest.raises(MonaiWsiExtError, match="slide plan failed on rank 0: OSError: patches.csv: permission denied"):
+        ShardedSlideDataset(Base(), done=done)

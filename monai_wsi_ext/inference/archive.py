@@ -391,8 +391,15 @@ def run_archive(slides: str | os.PathLike, output_dir: str | os.PathLike, config
         import torch.distributed as dist
 
         dist.barrier()
-    index = write_index(out, plan["listed"], str(slides), plan["key"]) if rank == 0 else None
+    index = None
+    if rank == 0:
+        try:
+            index = write_index(out, plan["listed"], str(slides), plan["key"])
+        except Exception as e:  # noqa: BLE001 - sent to every rank, so that none waits for the index
+            index = {"error": f"writing the index failed: {type(e).__name__}: {e}"}
     index = broadcast_object(index)
+    if "error" in index:
+        raise MonaiWsiExtError(index["error"])
     result["index"] = index
     failed = {r["slide_id"]: r["error"] for r in index["slides"] if r["listed"] and r["status"] == "failed"}
     logger.info("archive index: %s -> %s", index["counts"], out / "index.csv")
