@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -41,6 +42,7 @@ __all__ = [
     "PatchDataset",
     "balanced_sampler",
     "load_datalist",
+    "label_budget",
     "SlidePatchSource",
     "E2ESlideDataset",
     "slide_item",
@@ -429,6 +431,29 @@ def load_datalist(path: str | os.PathLike, key: str | Sequence[str] = "training"
         raise ConfigError(f"{path}: no split {missing}; it has {sorted(data)} (prepare the slides of that split into "
                           "the same folder: scripts/prepare_dataset.py --split ...)")
     return [item for k in keys for item in data[k]]
+
+
+def label_budget(items: Sequence[dict], fraction: float = 1.0, seed: int = 0) -> list[dict]:
+    """A class-stratified share of labelled patches (the label-budget experiments: what the encoder learns from 1 %
+    or 10 % of the labels). Of each label, ``ceil(fraction * n)`` patches (at least one) are drawn with ``seed``
+    without replacement; the items keep their order. ``fraction`` 1 returns the items unchanged.
+
+    Raises:
+        ConfigError: ``fraction`` outside (0, 1].
+    """
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"`label_fraction` must be in (0, 1], got {fraction}.")
+    items = list(items)
+    if fraction == 1.0:
+        return items
+    rng = np.random.default_rng(int(seed))
+    labels = np.asarray([int(d["label"]) for d in items])
+    keep: list[int] = []
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        keep += rng.choice(where, size=max(1, math.ceil(fraction * len(where))), replace=False).tolist()
+    return [items[i] for i in sorted(keep)]
 
 
 def transform_crop_size(transform) -> int | None:
