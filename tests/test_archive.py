@@ -66,6 +66,28 @@ def test_list_archive_folder_glob_and_csv(tmp_path):
         list_archive(str(tmp_path / "*.ndpi"))
 
 
+def test_list_archive_finds_dicom_series(tmp_path):
+    """A DICOM WSI series folder in the archive is one slide (id: the folder's name) next to the slide files; its
+    signature covers its instance files (a touched instance changes it, the same content keeps its SHA-256)."""
+    pytest.importorskip("wsidicomizer")
+    from monai_wsi_ext.inference.archive import file_signature, list_archive
+    from monai_wsi_ext.testing.dicom import dicomize
+    from monai_wsi_ext.testing.synthetic import SyntheticSlideConfig, generate_slide
+
+    root = tmp_path / "archive"
+    tif = root / "tiff" / "s1.tif"
+    generate_slide(tif, seed=3, config=SyntheticSlideConfig(width=512, height=512, patch_size=64, n_lumps=1))
+    series = dicomize(tif, root / "dicom" / "s1_dicom")
+    slides = list_archive(root)
+    assert [(s["slide_id"], Path(s["image"]).name) for s in slides] == [("s1", "s1.tif"), ("s1_dicom", "s1_dicom")]
+    before = file_signature(series, sha256=True)
+    instance = sorted(p for p in series.iterdir() if p.is_file())[0]
+    os.utime(instance, ns=(instance.stat().st_atime_ns, instance.stat().st_mtime_ns + 10**9))
+    after = file_signature(series, sha256=True)
+    assert after["mtime_ns"] != before["mtime_ns"] and after["sha256"] == before["sha256"]
+    assert after["size_bytes"] == sum(p.stat().st_size for p in series.iterdir() if p.is_file())
+
+
 def test_plan_archive_redoes_only_what_changed(tmp_path):
     from monai_wsi_ext.errors import ConfigError
     from monai_wsi_ext.inference.archive import file_signature, list_archive, plan_archive

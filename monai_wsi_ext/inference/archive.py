@@ -87,6 +87,8 @@ def list_archive(source: str | os.PathLike) -> list[ArchiveSlide]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if _is_slide(p))
         ids = [None] * len(files)
+        dicom, dicom_ids = _dicom_series(path)
+        files, ids = files + dicom, ids + dicom_ids
         where = f"folder {text!r}"
     elif path.suffix.lower() == ".csv" and path.is_file():
         files, ids = _read_csv(path)
@@ -118,6 +120,25 @@ def list_archive(source: str | os.PathLike) -> list[ArchiveSlide]:
     return sorted(slides, key=lambda s: s["slide_id"])
 
 
+def _dicom_series(folder: Path) -> tuple[list[Path], list[str]]:
+    """Every DICOM WSI series under ``folder`` (an archive keeps every series; the Deploy app's ``largest`` rule
+    is for one study): the series' folder when it holds one series (slide id: the folder's name), else its level-0
+    instance (ids from :func:`~monai_wsi_ext.io.dicom.series_slide_ids`)."""
+    from monai_wsi_ext.io.dicom import dicom_files, find_wsi_series, series_slide_ids
+
+    if not dicom_files(folder, recursive=True):
+        return [], []
+    by_folder: dict[Path, list] = {}
+    for series in find_wsi_series(folder, recursive=True):  # ConfigError naming the `dicom` extra without pydicom
+        by_folder.setdefault(Path(series.folder), []).append(series)
+    files, ids = [], []
+    for where, found in sorted(by_folder.items()):
+        for series, sid in zip(found, series_slide_ids(where.name, found)):
+            files.append(where if len(found) == 1 else Path(series.level0.path))
+            ids.append(sid)
+    return files, ids
+
+
 def _read_csv(path: Path) -> tuple[list[Path], list[str | None]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -141,8 +162,22 @@ def _read_csv(path: Path) -> tuple[list[Path], list[str | None]]:
 
 
 def file_signature(path: str | os.PathLike, sha256: bool = False) -> dict:
-    """``{"size_bytes", "mtime_ns", "sha256"}`` of a slide file (``sha256`` None unless asked for)."""
-    st = Path(path).stat()
+    """``{"size_bytes", "mtime_ns", "sha256"}`` of a slide file (``sha256`` None unless asked for). For a DICOM
+    series folder: the total size and latest modification time of its DICOM files, and a SHA-256 over their names
+    and SHA-256s, so that a changed, added or removed instance changes the signature."""
+    p = Path(path)
+    if p.is_dir():
+        from monai_wsi_ext.io.dicom import dicom_files
+
+        files = dicom_files(p)
+        stats = [f.stat() for f in files]
+        digest = None
+        if sha256:
+            digest = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)};" for f in files).encode()).hexdigest()
+        return {"size_bytes": sum(st.st_size for st in stats), "mtime_ns": max((st.st_mtime_ns for st in stats),
+                                                                                default=p.stat().st_mtime_ns),
+                "sha256": digest}
+    st = p.stat()
     return {"size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path) if sha256 else None}
 
 
@@ -189,7 +224,7 @@ def _why_todo(slide: ArchiveSlide, old: dict | None, key: str, heatmap_dir: Path
         slide["sha256"] = old.get("sha256")
         return None
     if checksum == "sha256" and old.get("sha256"):
-        slide["sha256"] = file_sha256(slide["image"])
+        slide["sha256"] = file_signature(slide["image"], sha256=True)["sha256"]
         return None if slide["sha256"] == old["sha256"] else "changed"
     return "changed"
 
@@ -213,7 +248,7 @@ def plan_archive(slides: list[ArchiveSlide], output_dir: str | os.PathLike, key:
                               {**old, "size_bytes": s["size_bytes"], "mtime_ns": s["mtime_ns"]})
         if why is not None:
             if checksum == "sha256" and not s.get("sha256"):
-                s["sha256"] = file_sha256(s["image"])
+                s["sha256"] = file_signature(s["image"], sha256=True)["sha256"]
             todo.append(s)
             reasons[s["slide_id"]] = why
     return todo, reasons
