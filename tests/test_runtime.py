@@ -5,6 +5,7 @@ that are not installed."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -304,3 +305,46 @@ def test_export_refuses_bad_paths(models, tmp_path):
         RuntimeNetwork(None, "unet", "onnxruntime", model_file=tmp_path / "bad.onnx")
     with pytest.raises(ConfigError, match="model of the unet, given as the encoder"):
         RuntimeNetwork(None, "encoder", "onnxruntime", model_file=models["models"] / "unet.onnx")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed (`.[openvino]`)")
+def test_openvino_runs_the_exported_models_like_eager(models):
+    x = models["patches"]
+    enc = RuntimeNetwork(None, "encoder", "openvino", model_file=models["models"] / "encoder.onnx")
+    unet = RuntimeNetwork(None, "unet", "openvino", model_file=models["models"] / "unet.onnx")
+    with torch.no_grad():
+        f, logits = enc.features_and_logits(x)
+        assert (f - models["encoder"].features(x)).abs().max() <= 1e-4 * max(1.0, float(f.abs().max()))
+        canvas = torch.rand(1, 16, 64, 48, generator=torch.Generator().manual_seed(0)) * 0.1
+        assert (unet(canvas) - models["unet"](canvas)).abs().max() <= 1e-4
+
+
+def test_inference_config_runs_on_onnxruntime(models, tmp_path):
+    """inference.json with `--runtime onnxruntime`: the checkpoints are loaded into the eager networks when the run
+    starts, the runtime networks export them then, and the heatmap is the eager run's (to float32 rounding)."""
+    from monai.bundle import ConfigWorkflow
+
+    from conftest import make_bundle_dataset
+
+    ds = make_bundle_dataset(tmp_path / "ds", n_val=0, n_test=1)
+    ckpt = Path(ds["overrides"]["ckpt_dir"])
+    ckpt.mkdir(parents=True)
+    shutil.copy(models["ckpt"] / "encoder.pt", ckpt / "encoder.pt")
+    torch.save(bundle_unet([str(CONFIGS / "common.json")]).state_dict(), ckpt / "unet.pt")
+    probs = {}
+    for runtime in ("torch", "onnxruntime"):
+        overrides = {**ds["overrides"], "output_dir": str(tmp_path / runtime), "device": "cpu", "runtime": runtime}
+        wf = ConfigWorkflow(config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "inference.json"),
+                                         str(REPO / "configs" / "datasets" / "demo.json")],
+                            workflow_type=None, **overrides)
+        wf.initialize()
+        assert wf.parser.get_parsed_content("batch_size") == 16  # the CPU default
+        wf.run()
+        probs[runtime] = np.load(tmp_path / runtime / "heatmaps" / "test_000" / "test_000_prob.npy")
+    enc = wf.parser.get_parsed_content("runtime_encoder")
+    assert isinstance(enc, RuntimeNetwork) and enc.runtime == "onnxruntime" and enc._session is not None
+    tissue = np.isfinite(probs["torch"])
+    assert tissue.sum() > 20 and np.array_equal(tissue, np.isfinite(probs["onnxruntime"]))
+    assert np.abs(probs["onnxruntime"][tissue] - probs["torch"][tissue]).max() <= 1e-4
+    # the loaded checkpoint, not the random initialisation, went into the ONNX model
+    assert np.abs(probs["torch"][tissue] - probs["torch"][tissue].mean()).max() > 1e-4
