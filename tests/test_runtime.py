@@ -178,7 +178,7 @@ def test_exported_onnx_folder_runs_through_run_exported_inference(models, tmp_pa
     # eager runs NHWC (channels_last) convolutions, ONNX Runtime its own NCHW kernels: float32 rounding only
     assert np.abs(got[tissue] - want[tissue]).max() <= 1e-4
     record = json.loads((tmp_path / "onnx_out" / "test_000" / "test_000_record.json").read_text())
-    assert "encoder.onnx" in json.dumps(record)
+    assert "encoder.onnx" in json.dumps(record) and "onnxruntime" in json.dumps(record)
 
 
 def test_inference_config_declares_the_runtime(models, tmp_path):
