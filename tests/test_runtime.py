@@ -319,28 +319,26 @@ def test_openvino_runs_the_exported_models_like_eager(models):
         assert (unet(canvas) - models["unet"](canvas)).abs().max() <= 1e-4
 
 
-def test_inference_config_runs_on_onnxruntime(models, tmp_path):
+def test_inference_config_runs_on_onnxruntime(models, tmp_path, prepared_dataset):
     """inference.json with `--runtime onnxruntime`: the checkpoints are loaded into the eager networks when the run
     starts, the runtime networks export them then, and the heatmap is the eager run's (to float32 rounding)."""
     from monai.bundle import ConfigWorkflow
 
-    from conftest import make_bundle_dataset
-
-    ds = make_bundle_dataset(tmp_path / "ds", n_val=0, n_test=1)
-    ckpt = Path(ds["overrides"]["ckpt_dir"])
-    ckpt.mkdir(parents=True)
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
     shutil.copy(models["ckpt"] / "encoder.pt", ckpt / "encoder.pt")
     torch.save(bundle_unet([str(CONFIGS / "common.json")]).state_dict(), ckpt / "unet.pt")
     probs = {}
     for runtime in ("torch", "onnxruntime"):
-        overrides = {**ds["overrides"], "output_dir": str(tmp_path / runtime), "device": "cpu", "runtime": runtime}
+        overrides = {"dataset_dir": str(prepared_dataset[0]), "split": "validation", "ckpt_dir": str(ckpt),
+                     "output_dir": str(tmp_path / runtime), "num_workers": 0, "device": "cpu", "runtime": runtime}
         wf = ConfigWorkflow(config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "inference.json"),
                                          str(REPO / "configs" / "datasets" / "demo.json")],
                             workflow_type=None, **overrides)
         wf.initialize()
         assert wf.parser.get_parsed_content("batch_size") == 16  # the CPU default
         wf.run()
-        probs[runtime] = np.load(tmp_path / runtime / "heatmaps" / "test_000" / "test_000_prob.npy")
+        probs[runtime] = np.load(tmp_path / runtime / "heatmaps" / "val_000" / "val_000_prob.npy")
     enc = wf.parser.get_parsed_content("runtime_encoder")
     assert isinstance(enc, RuntimeNetwork) and enc.runtime == "onnxruntime" and enc._session is not None
     tissue = np.isfinite(probs["torch"])
