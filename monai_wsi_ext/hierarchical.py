@@ -35,6 +35,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 from torch.utils.data import Dataset
 
+from monai_wsi_ext.engines.handlers import init_state_records, slide_batch_item
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.io.atomic import write_json_atomic, write_npy_atomic
 from monai_wsi_ext.labels import LABEL_TUMOR
@@ -202,15 +203,12 @@ class HierarchicalReport:
         engine.add_event_handler(Events.COMPLETED, self.summarize)
 
     def _started(self, engine: Engine) -> None:
-        for name in ("results", "failed"):
-            if not hasattr(engine.state, name):
-                setattr(engine.state, name, {})
+        init_state_records(engine)
         self.slides: dict[str, dict] = {}
         self._t0 = time.perf_counter()
 
     def __call__(self, engine: Engine) -> None:
-        batch = engine.state.batch
-        item = batch[0] if isinstance(batch, (list, tuple)) else batch
+        item = slide_batch_item(engine)
         decision = item.get("gate") if isinstance(item, dict) else None
         if decision is None:
             return  # failed before the gate: recorded by the evaluator

@@ -6,7 +6,21 @@ from ignite.engine import Engine, Events
 
 from monai_wsi_ext.model.networks import load_checkpoint
 
-__all__ = ["StrictCheckpointLoader"]
+__all__ = ["StrictCheckpointLoader", "slide_batch_item", "init_state_records"]
+
+
+def slide_batch_item(engine: Engine) -> dict:
+    """The slide item of a slide engine's current iteration (its batch is one slide, collated as a list or not)."""
+    batch = engine.state.batch
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def init_state_records(engine: Engine, names: tuple[str, ...] = ("results", "failed")) -> None:
+    """Give ``engine.state`` an empty dict under each of ``names`` that it does not have yet (the per-slide records
+    several handlers of one run fill in together)."""
+    for name in names:
+        if not hasattr(engine.state, name):
+            setattr(engine.state, name, {})
 
 
 class StrictCheckpointLoader:

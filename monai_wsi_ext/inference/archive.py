@@ -36,6 +36,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from monai_wsi_ext.engines.handlers import slide_batch_item
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.io.atomic import is_temporary_name, write_json_atomic, write_text_atomic
 from monai_wsi_ext.prep.prepare import SLIDE_SUFFIXES
@@ -281,8 +282,7 @@ class ArchiveEntryWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        batch = engine.state.batch
-        item = batch[0] if isinstance(batch, (list, tuple)) else batch
+        item = slide_batch_item(engine)
         sid = str(item.get("slide_id"))
         results = getattr(engine.state, "results", {}) or {}
         failed = getattr(engine.state, "failed", {}) or {}

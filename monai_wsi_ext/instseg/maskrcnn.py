@@ -44,6 +44,7 @@ from scipy import ndimage
 from torch import nn
 from torch.utils.data import Dataset
 
+from monai_wsi_ext.engines.handlers import slide_batch_item
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.io.atomic import write_json_atomic
 
@@ -431,8 +432,7 @@ class InstanceWriter:
         out = engine.state.output
         if out is None or out.get(Keys.PRED) is None:
             return
-        batch = engine.state.batch
-        item = batch[0] if isinstance(batch, (list, tuple)) else batch
+        item = slide_batch_item(engine)
         prepared, pred = item["prepared"], out[Keys.PRED]
         prob, ds = pred["pixel_prob"], float(pred["downsample"])
         tissue = prepared_tissue(prepared, self.backend)

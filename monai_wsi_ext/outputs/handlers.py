@@ -14,6 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils.enums import CommonKeys as Keys
 
+from monai_wsi_ext.engines.handlers import slide_batch_item
 from monai_wsi_ext.errors import MonaiWsiExtError
 from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic, write_npz_atomic
 from monai_wsi_ext.model.predict import prob_grid
@@ -47,11 +48,6 @@ def dicom_seg_types(value: str | list | tuple | None) -> tuple[str, ...]:
             if kind not in kinds:
                 kinds.append(kind)
     return tuple(kinds)
-
-
-def _item(engine: Engine) -> dict:
-    batch = engine.state.batch
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 class HeatmapWriter:
@@ -120,7 +116,7 @@ class HeatmapWriter:
         out = engine.state.output
         if out is None or out.get(Keys.PRED) is None:
             return  # failed slide, already recorded
-        item = _item(engine)
+        item = slide_batch_item(engine)
         prepared, sid = item["prepared"], item["slide_id"]
         try:
             grid = prepared.grid
@@ -275,7 +271,7 @@ class FeatureWriter:
 
     def _iteration_started(self, engine: Engine) -> None:
         self._t0 = time.perf_counter()
-        item = _item(engine)
+        item = slide_batch_item(engine)
         if not isinstance(item, dict) or item.get("error") or item.get("prepared") is None:
             return
         sid = item["slide_id"]
@@ -293,7 +289,7 @@ class FeatureWriter:
         out = engine.state.output
         if out is None or out.get(Keys.PRED) is None:
             return  # failed or unchanged slide, already recorded
-        item = _item(engine)
+        item = slide_batch_item(engine)
         prepared, sid, pred = item["prepared"], item["slide_id"], out[Keys.PRED]
         path = self.output_dir / f"{sid}.npz"
         probs = pred.get("head_probs")

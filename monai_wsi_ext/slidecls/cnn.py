@@ -36,6 +36,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.utils.data import Dataset
 
+from monai_wsi_ext.engines.handlers import init_state_records, slide_batch_item
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.model.backbones import build_backbone
 from monai_wsi_ext.model.predict import eval_mode
@@ -278,17 +279,14 @@ class SlideScoreWriter:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def _started(self, engine: Engine) -> None:
-        for name in ("results", "failed"):
-            if not hasattr(engine.state, name):
-                setattr(engine.state, name, {})
+        init_state_records(engine)
         self._slides: dict[str, dict] = {}
 
     def __call__(self, engine: Engine) -> None:
         out = engine.state.output
         if out is None or out.get(Keys.PRED) is None:
             return
-        batch = engine.state.batch
-        item = batch[0] if isinstance(batch, (list, tuple)) else batch
+        item = slide_batch_item(engine)
         pred, sid = out[Keys.PRED], item["slide_id"]
         call = int(pred["score"] > self.threshold) if self.classes == "binary" else int(pred["pred"])
         self._slides[sid] = {"score": pred["score"], "pred": call, "probs": pred["probs"], "thumb": pred["thumb"],

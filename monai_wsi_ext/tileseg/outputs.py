@@ -40,6 +40,7 @@ from ignite.engine import Engine, Events
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_wsi_ext.baselines.segmentation import cell_means
+from monai_wsi_ext.engines.handlers import init_state_records, slide_batch_item
 from monai_wsi_ext.errors import MonaiWsiExtError
 from monai_wsi_ext.evaluation.metrics import dice
 from monai_wsi_ext.evaluation.report import find_truth, load_truth_mask
@@ -303,9 +304,7 @@ class TileSegWriter:
 
     def _started(self, engine: Engine) -> None:
         remove_stale_temporaries(self.output_dir)
-        for name in ("results", "failed"):
-            if not hasattr(engine.state, name):
-                setattr(engine.state, name, {})
+        init_state_records(engine)
 
     def _iteration_started(self, engine: Engine) -> None:
         self._t0 = time.perf_counter()
@@ -330,8 +329,7 @@ class TileSegWriter:
         out = engine.state.output
         if out is None or out.get(Keys.PRED) is None:
             return  # failed slide, already recorded
-        batch = engine.state.batch
-        item = batch[0] if isinstance(batch, (list, tuple)) else batch
+        item = slide_batch_item(engine)
         prepared, sid = item["prepared"], item["slide_id"]
         try:
             written = self.write(prepared, out[Keys.PRED])
