@@ -9,11 +9,10 @@ Example::
 
 from __future__ import annotations
 
-import logging
-
 import fire
 
 from monai_wsi_ext.deploy.package import build_map_app, named_model_folder
+from monai_wsi_ext.utils import setup_logging
 
 __all__ = ["main"]
 
@@ -31,7 +30,7 @@ def main(output_dir: str = "build/map_app", models: str | None = None, models_ou
         suffix: ``""`` or ``"_e2e"`` when the export folder holds both trainings.
         overwrite: replace an existing app folder.
     """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     app = build_map_app(output_dir, overwrite=overwrite)
     out = {"app": str(app)}
     if models is not None:
