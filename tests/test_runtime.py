@@ -175,8 +175,9 @@ def test_exported_onnx_folder_runs_through_run_exported_inference(models, tmp_pa
     want = np.load(tmp_path / "eager_out" / "test_000" / "test_000_prob.npy")
     tissue = np.isfinite(want)
     assert tissue.sum() > 50 and np.array_equal(tissue, np.isfinite(got))
-    # eager runs NHWC (channels_last) convolutions, ONNX Runtime its own NCHW kernels: float32 rounding only
-    assert np.abs(got[tissue] - want[tissue]).max() <= 1e-4
+    # eager runs NHWC (channels_last) convolutions, ONNX Runtime its own NCHW kernels: float32 rounding only (up to
+    # about 1e-4 seen with this untrained encoder's large activations; 2.8e-5 in BENCHMARKS.md's run)
+    assert np.abs(got[tissue] - want[tissue]).max() <= 5e-4
     record = json.loads((tmp_path / "onnx_out" / "test_000" / "test_000_record.json").read_text())
     assert "encoder.onnx" in json.dumps(record) and "onnxruntime" in json.dumps(record)
 
@@ -343,6 +344,6 @@ def test_inference_config_runs_on_onnxruntime(models, tmp_path, prepared_dataset
     assert isinstance(enc, RuntimeNetwork) and enc.runtime == "onnxruntime" and enc._session is not None
     tissue = np.isfinite(probs["torch"])
     assert tissue.sum() > 20 and np.array_equal(tissue, np.isfinite(probs["onnxruntime"]))
-    assert np.abs(probs["onnxruntime"][tissue] - probs["torch"][tissue]).max() <= 1e-4
+    assert np.abs(probs["onnxruntime"][tissue] - probs["torch"][tissue]).max() <= 5e-4  # float32 rounding, as above
     # the loaded checkpoint, not the random initialisation, went into the ONNX model
     assert np.abs(probs["torch"][tissue] - probs["torch"][tissue].mean()).max() > 1e-4

@@ -34,8 +34,10 @@ _PACKAGES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "o
 EXTRAS = {name: extra for name, (_, extra) in _PACKAGES.items()}
 """Runtime -> the optional extra of ``monai-wsi-canvas`` that installs it."""
 
-# which runtime ``auto`` takes, fastest first, as measured on a 2-core CPU (BENCHMARKS.md, bench_inference.py)
-AUTO_ORDER = ("onnxruntime", "openvino", "torch")
+# which runtime ``auto`` takes, fastest first per precision, as measured on the 2-core CPU (BENCHMARKS.md,
+# bench_inference.py: fp32 ONNX Runtime ahead of OpenVINO and eager torch; int8 OpenVINO about 2x ONNX Runtime)
+AUTO_ORDER = {"fp32": ("onnxruntime", "openvino", "torch"), "int8": ("openvino", "onnxruntime"),
+              "bf16": ("openvino", "torch")}
 
 # precisions each runtime runs
 _RUNTIME_PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8"),
@@ -87,7 +89,8 @@ def require_runtime(runtime: str):
 
 def resolve_runtime(runtime: str = "auto", precision: str = "fp32", onnx_only: bool = False) -> str:
     """The runtime to use: ``runtime`` itself (checked to be installed), or for ``auto`` the fastest installed one
-    that runs ``precision`` (:data:`AUTO_ORDER`: ONNX Runtime, OpenVINO, torch).
+    that runs ``precision`` (``AUTO_ORDER``, measured here: fp32 ONNX Runtime, OpenVINO, torch; int8 OpenVINO, then
+    ONNX Runtime; bf16 OpenVINO, then torch).
 
     Args:
         runtime: a name of :data:`RUNTIMES` or ``auto``.
@@ -100,10 +103,10 @@ def resolve_runtime(runtime: str = "auto", precision: str = "fp32", onnx_only: b
     """
     check_precision(precision)
     if runtime == "auto":
-        for name in AUTO_ORDER:
+        for name in AUTO_ORDER[precision]:
             if onnx_only and name == "torch":
                 continue
-            if precision in _RUNTIME_PRECISIONS[name] and runtime_available(name):
+            if runtime_available(name):
                 return name
         need = "onnx" if precision != "bf16" else "openvino"
         what = "an ONNX model" if onnx_only else f"precision {precision!r}"
