@@ -177,3 +177,14 @@ def test_deploy_application_end_to_end(exported, tmp_path):
     assert bad.returncode != 0
     summary = json.loads((tmp_path / "out2" / "inference_summary.json").read_text())
     assert list(summary["slides"]) == ["good"] and "broken" in summary["failed"]
+
+
+@pytest.mark.skipif(not HAS_DEPLOY and not os.environ.get("REQUIRE_MONAI_DEPLOY"),
+                    reason="MONAI Deploy App SDK not installed (make test-deploy runs this)")
+def test_application_batch_size_follows_the_device_unless_set():
+    """Without WSI_CANVAS_BATCH_SIZE the application leaves the batch to run_exported_inference (16 on the CPU,
+    64 on a GPU, as inference.json); a set value is used as given."""
+    from monai_wsi_ext.deploy.app import settings_from_env
+
+    assert settings_from_env({})["batch_size"] is None
+    assert settings_from_env({"WSI_CANVAS_BATCH_SIZE": "32"})["batch_size"] == 32

@@ -15,7 +15,8 @@ Run (``pip install -e ".[deploy]"``; the usual MONAI Deploy options and ``HOLOSC
     python -m monai_wsi_ext.deploy -i slides/ -o heatmaps/ -m models/
 
 Options that are not paths come from environment variables: ``WSI_CANVAS_MODE`` (``canvas``/``classifier``),
-``WSI_CANVAS_THRESHOLD`` (0.5), ``WSI_CANVAS_BATCH_SIZE`` (64), ``WSI_CANVAS_BACKEND`` (``auto``),
+``WSI_CANVAS_THRESHOLD`` (0.5), ``WSI_CANVAS_BATCH_SIZE`` (16 on the CPU, 64 on a GPU),
+``WSI_CANVAS_BACKEND`` (``auto``),
 ``WSI_CANVAS_MPP`` (level-0 µm/px for slides without it), ``WSI_CANVAS_MODEL_SUFFIX`` (``""`` or ``_e2e``),
 ``WSI_CANVAS_DEVICE`` (``auto``), ``WSI_CANVAS_ITK_FORMAT`` (``nrrd`` or ``mha``: also write each map as
 an ITK image with physical spacing; needs the ``itk`` extra), and for DICOM inputs ``WSI_CANVAS_DICOM_SERIES``
@@ -48,7 +49,7 @@ def settings_from_env(environ=os.environ) -> dict:
     return {
         "mode": environ.get("WSI_CANVAS_MODE") or None,
         "threshold": float(environ.get("WSI_CANVAS_THRESHOLD", 0.5)),
-        "batch_size": int(environ.get("WSI_CANVAS_BATCH_SIZE", 64)),
+        "batch_size": int(environ["WSI_CANVAS_BATCH_SIZE"]) if environ.get("WSI_CANVAS_BATCH_SIZE") else None,
         "backend": environ.get("WSI_CANVAS_BACKEND", "auto"),
         "mpp": float(mpp) if mpp else None,
         "suffix": environ.get("WSI_CANVAS_MODEL_SUFFIX"),
@@ -113,7 +114,7 @@ class CanvasHeatmapOperator(Operator):
         s = self.settings
         summary = run_exported_inference(
             slides, self.output_folder, self.models, mode=s.get("mode"), threshold=s.get("threshold", 0.5),
-            batch_size=s.get("batch_size", 64), backend=s.get("backend", "auto"), mpp=s.get("mpp"),
+            batch_size=s.get("batch_size"), backend=s.get("backend", "auto"), mpp=s.get("mpp"),
             device=self.device, itk_format=s.get("itk_format"), dicom_seg=s.get("dicom_seg"),
             dicom_annotations=bool(s.get("dicom_annotations")),
         )
