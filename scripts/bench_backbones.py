@@ -11,7 +11,6 @@ once in turn, so load from other processes hits all of them alike; the best roun
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys

@@ -30,8 +30,8 @@ from torch import nn
 from monai_wsi_ext.errors import ConfigError
 from monai_wsi_ext.model.networks import PatchEncoder
 
-__all__ = ["PatchAutoencoder", "reconstruction_batch", "pretrain_items", "PatchSimCLR", "TwoViews", "PairContrastiveLoss",
-           "views_batch"]
+__all__ = ["PatchAutoencoder", "reconstruction_batch", "pretrain_items", "PatchSimCLR", "TwoViews",
+           "PairContrastiveLoss", "views_batch"]
 
 
 class PatchAutoencoder(nn.Module):

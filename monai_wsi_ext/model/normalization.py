@@ -176,14 +176,16 @@ def _colour_constants(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor,
 def _rgb_to_lab(rgb: torch.Tensor, rgb_to_xyz: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
     linear = torch.where(rgb > 0.04045, ((rgb.clamp(min=0.0) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     xyz = torch.einsum("ij,bjhw->bihw", rgb_to_xyz.to(rgb.dtype), linear) / white.to(rgb.dtype).view(1, 3, 1, 1)
-    f = torch.where(xyz > 0.008856451679035631, xyz.clamp(min=1e-12) ** (1.0 / 3.0), xyz / (0.12841854934601665) + 4.0 / 29.0)
+    f = torch.where(xyz > 0.008856451679035631, xyz.clamp(min=1e-12) ** (1.0 / 3.0),
+                    xyz / 0.12841854934601665 + 4.0 / 29.0)
     return torch.stack([116.0 * f[:, 1] - 16.0, 500.0 * (f[:, 0] - f[:, 1]), 200.0 * (f[:, 1] - f[:, 2])], 1)
 
 
 def _lab_to_rgb(lab: torch.Tensor, xyz_to_rgb: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
     fy = (lab[:, 0] + 16.0) / 116.0
     f = torch.stack([fy + lab[:, 1] / 500.0, fy, fy - lab[:, 2] / 200.0], 1)
-    xyz = torch.where(f > 0.20689655172413793, f ** 3, 0.12841854934601665 * (f - 4.0 / 29.0)) * white.to(lab.dtype).view(1, 3, 1, 1)
+    xyz = torch.where(f > 0.20689655172413793, f ** 3, 0.12841854934601665 * (f - 4.0 / 29.0))
+    xyz = xyz * white.to(lab.dtype).view(1, 3, 1, 1)
     linear = torch.einsum("ij,bjhw->bihw", xyz_to_rgb.to(lab.dtype), xyz).clamp(0.0, 1.0)
     rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp(min=1e-12) ** (1.0 / 2.4) - 0.055, 12.92 * linear)
     return rgb.clamp(0.0, 1.0)

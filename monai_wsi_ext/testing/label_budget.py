@@ -34,14 +34,16 @@ INITS = ("random", "autoencoder", "simclr")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # what the docs table was measured with (see bundle/docs/encoders.md)
-    "default": {"backbone": "googlenet", "n_train": 4, "n_val": 2, "n_test": 2, "size": 2048, "patch_size": 64, "crop_size": 56,
+    "default": {"backbone": "googlenet", "n_train": 4, "n_val": 2, "n_test": 2, "size": 2048, "patch_size": 64,
+                "crop_size": 56,
                 "budgets": [0.01, 0.1, 1.0], "inits": list(INITS), "canvas": True, "canvas_size": 64,
                 "encoder": {"max_epochs": 6, "batch_size": 32, "learning_rate": 1e-3, "samples_per_epoch": 512},
                 "pretrain": {"max_epochs": 4, "batch_size": 64, "learning_rate": 1e-3, "samples_per_epoch": 2048,
                              "val_samples": 256},
                 "canvas_schedule": {"max_epochs": 30, "batch_size": 4, "samples_per_slide": 4, "learning_rate": 1e-3}},
     # the test's smoke size: the numbers only show that each stage learns something
-    "quick": {"backbone": "small_cnn", "n_train": 2, "n_val": 1, "n_test": 1, "size": 1024, "patch_size": 64, "crop_size": 56,
+    "quick": {"backbone": "small_cnn", "n_train": 2, "n_val": 1, "n_test": 1, "size": 1024, "patch_size": 64,
+              "crop_size": 56,
               "budgets": [0.1, 1.0], "inits": list(INITS), "canvas": False, "canvas_size": 32,
               "encoder": {"max_epochs": 4, "batch_size": 32, "learning_rate": 1e-3, "samples_per_epoch": 256},
               "pretrain": {"max_epochs": 1, "batch_size": 32, "learning_rate": 1e-3, "samples_per_epoch": 128,
@@ -153,7 +155,8 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"Label budget: {s['n_train']} training slides ({s['labelled_training_patches']} labelled patches), "
              f"{s['n_test']} test slides, backbone {s['backbone']}, seed {s['seed']}, preset `{s['preset']}`.", "",
-             "| encoder start | labels | labelled patches | method | accuracy (%) | PR-AUC (%) | ROC-AUC (%) | tumor points |",
+             "| encoder start | labels | labelled patches | method | accuracy (%) | PR-AUC (%) | ROC-AUC (%) "
+             "| tumor points |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
 
     def pct(v):
