@@ -34,6 +34,17 @@ def make_bundle_dataset(root: Path, n_val: int = 1, n_test: int = 1) -> dict:
     return {"root": root, "manifest": manifest, "overrides": overrides}
 
 
+def bundle_workflow(config: str, workflow_type: str | None, **overrides):
+    """An initialised ``ConfigWorkflow`` of ``common.json`` + ``bundle/configs/<config>`` with ``overrides``."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = REPO_ROOT / "bundle" / "configs"
+    wf = ConfigWorkflow(config_file=[str(configs / "common.json"), str(configs / config)], workflow_type=workflow_type,
+                        logging_file=str(configs / "logging.conf"), **overrides)
+    wf.initialize()
+    return wf
+
+
 @dataclass
 class SyntheticDataset:
     """The session's synthetic dataset.

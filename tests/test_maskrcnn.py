@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bundle_workflow
 import torch
 from torch import nn
 
@@ -23,17 +24,6 @@ from monai_wsi_ext.instseg.maskrcnn import (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
-COMMON = str(CONFIGS / "common.json")
-
-
-def _workflow(config: str, workflow_type: str | None, **overrides):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=[COMMON, str(CONFIGS / config)], workflow_type=workflow_type,
-                        logging_file=str(CONFIGS / "logging.conf"), **overrides)
-    wf.initialize()
-    return wf
 
 
 def test_tile_instances_are_the_connected_tumor_regions():
@@ -137,13 +127,13 @@ def test_tiny_maskrcnn_run_segments_held_out_slides(mixed_dataset, tmp_path):
     (3 target lesions, 37 candidates); 3-6 false regions on each tumor-free slide."""
     o = {**mixed_dataset["overrides"], "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "out"),
          "tile_size": 128}
-    wf = _workflow("train_maskrcnn.json", "train", max_epochs=12, samples_per_epoch=32, batch_size=4,
+    wf = bundle_workflow("train_maskrcnn.json", "train", max_epochs=12, samples_per_epoch=32, batch_size=4,
                    learning_rate=2e-3, val_interval=4, val_max_tiles=24, **o)
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()
     assert wf.parser.get_parsed_content("validate#evaluator").state.best_metric > 0.3
-    wf = _workflow("infer_maskrcnn.json", "infer", min_object_um2=200.0, tile_overlap=0.0, **o)
+    wf = bundle_workflow("infer_maskrcnn.json", "infer", min_object_um2=200.0, tile_overlap=0.0, **o)
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()
@@ -171,7 +161,7 @@ def test_tiny_maskrcnn_run_segments_held_out_slides(mixed_dataset, tmp_path):
         cand = json.loads((heat / s / f"{s}_candidates.json").read_text())
         assert len(cand["probs"]) == len(cand["x"]) == len(cand["instances"])
         assert all(0 <= x <= 1024 for x in cand["x"]) and cand["probs"] == sorted(cand["probs"], reverse=True)
-    ev = _workflow("evaluate.json", None, output_dir=o["output_dir"], heatmap_dir=str(heat),
+    ev = bundle_workflow("evaluate.json", None, output_dir=o["output_dir"], heatmap_dir=str(heat),
                    truth_dir=str(mixed_dataset["manifest"]), froc_candidates="file")
     ev.run()
     overall = json.loads((heat / "metrics_overall.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bundle_workflow
 
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.slidecls.aggregate import FEATURES, HeatmapAggregator, heatmap_features
@@ -18,17 +19,6 @@ from monai_wsi_ext.slidecls.scores import read_slide_scores, slide_score_metrics
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
-COMMON = str(CONFIGS / "common.json")
-
-
-def _workflow(config: str, workflow_type: str | None, **overrides):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=[COMMON, str(CONFIGS / config)], workflow_type=workflow_type,
-                        logging_file=str(CONFIGS / "logging.conf"), **overrides)
-    wf.initialize()
-    return wf
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,13 +143,13 @@ def test_heatmap_aggregation_learns_on_validation_slides_and_evaluate_reports_it
     test = _simulated_heatmaps(mixed_dataset, "test", tmp_path / "test", 2)
     o = {**mixed_dataset["overrides"], "output_dir": str(tmp_path / "out"), "ckpt_dir": str(tmp_path / "models")}
     for model in ("logistic", "random_forest"):
-        wf = _workflow("aggregate_heatmaps.json", None, heatmap_dir=str(test), val_heatmap_dir=str(val),
+        wf = bundle_workflow("aggregate_heatmaps.json", None, heatmap_dir=str(test), val_heatmap_dir=str(val),
                        truth_dir=str(mixed_dataset["manifest"]), aggregator=model, **o)
         wf.run()
         scores = read_slide_scores(test / "slide_scores_aggregation.json")
         assert scores.method == f"aggregation_{model}" and len(scores.scores) == 8
         (test / "slide_scores_aggregation.json").rename(test / f"slide_scores_{model}.json")
-    ev = _workflow("evaluate.json", None, output_dir=o["output_dir"], heatmap_dir=str(test),
+    ev = bundle_workflow("evaluate.json", None, output_dir=o["output_dir"], heatmap_dir=str(test),
                    truth_dir=str(mixed_dataset["manifest"]), slide_predictions=str(test))
     ev.run()
     overall = json.loads((test / "metrics_overall.json").read_text())
@@ -200,13 +190,13 @@ def test_slide_cnn_separates_tumor_from_tumor_free_held_out_slides(mixed_dataset
     0.875 (chance 0.5)."""
     o = mixed_dataset["overrides"]
     sizes = {"thumb_mpp": 8.0, "thumb_size": 64}
-    wf = _workflow("train_slide_cnn.json", "train", max_epochs=10, samples_per_epoch=32, learning_rate=3e-3,
+    wf = bundle_workflow("train_slide_cnn.json", "train", max_epochs=10, samples_per_epoch=32, learning_rate=3e-3,
                    **sizes, **o)
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()
     assert (Path(o["ckpt_dir"]) / "slide_cnn.pt").is_file()
-    wf = _workflow("infer_slide_cnn.json", "infer", **sizes, **o)
+    wf = bundle_workflow("infer_slide_cnn.json", "infer", **sizes, **o)
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()
