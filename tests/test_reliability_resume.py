@@ -357,7 +357,13 @@ def test_multi_gpu_overlays_save_and_resume(single, overlay, name):
 
     parser = ConfigParser()
     parser.read_config([COMMON, str(CONFIGS / single), str(CONFIGS / overlay)])
-    assert parser["initialize"][-1] == "$@train#resume_setup"
+    init = parser["initialize"]
+    assert "$@train#resume_setup" in init
+    # the encoder's normalisation is fitted after resume_setup (built in the single-process order, so the overlay
+    # trains from the same random stream); nothing else follows it
+    after = init[init.index("$@train#resume_setup") + 1:]
+    assert all("fit_encoder_normalization" in step for step in after), after
+    assert ("fit_encoder_normalization" in init[-1]) == (name == "encoder")
     assert parser["train#resume_state#best_savers"] == ["@validate#handlers#2"]
     saver = parser["validate#handlers"][2]
     assert saver["_target_"] == "CheckpointSaver" and saver["key_metric_filename"] == f"{name}.pt"
