@@ -14,7 +14,8 @@ its ground-truth map and every method's map, as the paper's Figure 5).
 
 Cross-family (issue 11): ``data.family`` is the training family (``synthetic``, ``texture`` or ``cells`` of
 ``monai_wsi_ext.testing.families``; default ``synthetic``), ``test_families`` the families whose test split every
-trained method predicts (default: only the training family, the behaviour above), ``family_kwargs`` per-family
+trained method predicts (default: only the training family, the behaviour above; ``data.family`` may be a mix,
+``["synthetic", "cells"]`` or ``"synthetic+cells"``, whose test slides form the in-family table), ``family_kwargs`` per-family
 generator settings and ``data.read_mpp`` the common read resolution (every family is prepared with
 ``PrepareConfig.target_mpp = read_mpp``, so the grid cell is the same µm on every family; checked). A test
 family other than the training one gets ``data_<family>/``, ``prepared_<family>/`` (test split only) and
@@ -132,20 +133,27 @@ def _merge(preset: dict, overrides: dict) -> dict:
             gen[key] = overrides[key]
     gen.update(overrides.get("generator") or {})
     if overrides.get("family") is not None:
-        data["family"] = str(overrides["family"])
+        data["family"] = overrides["family"]
     if overrides.get("read_mpp") is not None:
         data["read_mpp"] = float(overrides["read_mpp"])
     if overrides.get("test_families") is not None:
         fams = overrides["test_families"]
         cfg["test_families"] = [f.strip() for f in fams.split(",")] if isinstance(fams, str) else list(fams)
+    from monai_wsi_ext.testing.cross_family import family_components
     from monai_wsi_ext.testing.families import FAMILIES
 
-    data.setdefault("family", "synthetic")
+    # one family ("synthetic") or a mix ("synthetic+cells" or a list), named by its families joined with "+"
+    parts = family_components(data.setdefault("family", "synthetic"))
+    data["family"] = "+".join(parts)
     # the training family's own test split is always predicted and reported (the in-family table)
     cfg["test_families"] = list(dict.fromkeys([data["family"], *(cfg.get("test_families") or [])]))
-    unknown = sorted({data["family"], *cfg["test_families"]} - set(FAMILIES))
+    unknown = sorted({*parts, *cfg["test_families"][1:]} - set(FAMILIES))
     if unknown:
         raise SystemExit(f"error: unknown slide family/families {unknown}; choose from {list(FAMILIES)}")
+    if len(parts) > 1 and set(parts) & set(cfg["test_families"][1:]):
+        raise SystemExit(f"error: {sorted(set(parts) & set(cfg['test_families'][1:]))} trained on (in the mix "
+                         f"{data['family']!r}) cannot be a cross-family test family; its test slides are in the "
+                         "in-family table")
     cfg.setdefault("family_kwargs", {})
     if cfg["test_families"] != [data["family"]] and data.get("read_mpp") is None:
         data["read_mpp"] = 0.5  # one physical cell size on every family (64 px at 0.5 µm/px = 32 µm)
@@ -337,7 +345,8 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
         table: also copy the Markdown table to this path.
         max_figure_slides: test slides shown in the figure.
         log_level: logging level.
-        family: training slide family (``synthetic``, ``texture``, ``cells``; preset ``data.family``).
+        family: training slide family (``synthetic``, ``texture``, ``cells``; preset ``data.family``), or a mix
+            trained on together, ``"synthetic+cells"`` (each family's splits generated, one prepared folder).
         test_families: families whose test split every method predicts, e.g. ``"synthetic,texture,cells"``
             (preset ``test_families``; the training family is always included).
         read_mpp: common read resolution in µm/px (preset ``data.read_mpp``; 0.5 when testing on other families).
@@ -375,8 +384,7 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
     logger.info("experiment %r: %d/%d/%d %s slides of %d px, seeds %s, methods %s, test families %s, "
                 "%d torch thread(s)", preset_name, d["n_train"], d["n_val"], d["n_test"], train_family, d["size"],
                 cfg["seeds"], cfg["methods"], test_families, n_threads)
-    manifests = {train_family: xf.generate_family(root / "data", train_family, d,
-                                                  cfg["family_kwargs"].get(train_family), training=True)}
+    manifests = {train_family: xf.generate_training_set(root, train_family, d, cfg["family_kwargs"])}
     prepared = {train_family: root / "prepared"}
     for fam in test_families:
         if fam != train_family:
@@ -417,7 +425,7 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
     frozen_desc = f"backbone weights {pretrained}" if pretrained else "seeded random encoder"
     if crossed:
         kws = {f: xf.family_generator_kwargs(f, d, cfg["family_kwargs"].get(f), f == train_family)
-               for f in test_families}
+               for f in {*test_families[1:], *xf.family_components(train_family)}}
         caption = (f"Trained on `{train_family}` ({d['n_train']} training, {d['n_val']} validation slides), "
                    f"{d['n_test']} test slides per family; {d['size']} px slides at the read resolution "
                    f"{d['read_mpp']} µm/px, {d['patch_size']} px cells = {cell_um:.1f} µm on every family; "

@@ -188,3 +188,41 @@ def test_pooled_numbers_match_an_independent_recomputation(quick):
     sep = results["cross_family"]["per_seed"]["0"]["separate"]
     cls = results["cross_family"]["per_seed"]["0"]["classifier"]
     assert diff["pooled_pr_auc"]["values"] == pytest.approx([sep["pooled_pr_auc"] - cls["pooled_pr_auc"]])
+
+
+def test_mixed_training_families(tmp_path):
+    """``data.family: "synthetic+cells"``: both families' splits generated, one merged manifest with the ids prefixed
+    by the family, prepared into one folder whose slides find their truth through the merged manifest; a family of
+    the mix cannot also be a cross-family test family."""
+    from monai_wsi_ext.evaluation.report import find_truth
+    from monai_wsi_ext.testing import cross_family as xf
+
+    mod = _script()
+    merged = mod._merge(mod.load_preset("cross_family_quick"),
+                        {"family": ["synthetic", "cells"], "test_families": "texture"})
+    assert merged["data"]["family"] == "synthetic+cells" and merged["test_families"] == ["synthetic+cells", "texture"]
+    assert xf.family_components("synthetic+cells") == ["synthetic", "cells"]
+    with pytest.raises(SystemExit, match="cannot be a cross-family test family"):
+        mod._merge(mod.load_preset("cross_family_quick"), {"family": "synthetic+cells"})  # preset tests cells too
+    with pytest.raises(SystemExit, match="unknown slide family"):
+        mod._merge(mod.load_preset("quick"), {"family": "synthetic+camelyon"})
+
+    data = {"size": 512, "patch_size": 64, "read_mpp": 0.5, "n_train": 1, "n_val": 1, "n_test": 1, "data_seed": 0}
+    kwargs = {"synthetic": {"tumor_regions": 1, "n_lumps": 1}, "cells": {"width": 512, "height": 512}}
+    with pytest.raises(SystemExit, match="family_kwargs"):
+        xf.generate_training_set(tmp_path / "bad", "synthetic+cells", {**data, "generator": {"tumor_points": 1}})
+    manifest = xf.generate_training_set(tmp_path, "synthetic+cells", data, kwargs)
+    assert manifest == tmp_path / "data" / "manifest.json"
+    records = json.loads(manifest.read_text())["slides"]
+    ids = sorted(r["id"] for r in records)
+    assert ids == sorted(f"{f}_{s}_000" for f in ("synthetic", "cells") for s in ("train", "val", "test"))
+    assert {r["family"] for r in records} == {"synthetic", "cells"}
+    for rec in records:  # paths relative to the merged manifest, pointing into data_<family>/
+        assert (manifest.parent / rec["image"]).resolve() == (tmp_path / f"data_{rec['family']}" /
+                                                              rec["image"].split(f"data_{rec['family']}/")[1])
+        assert find_truth(rec["id"], manifest).is_file()
+    xf.prepare_family(manifest, tmp_path / "prepared", data)
+    datalist = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
+    assert {i["slide_id"] for i in datalist["training"]} == {"synthetic_train_000", "cells_train_000"}
+    assert {i["slide_id"] for i in datalist["validation"]} == {"synthetic_val_000", "cells_val_000"}
+    assert xf.check_cell_size({"mix": tmp_path / "prepared"}) == pytest.approx(32.0)

@@ -8,6 +8,11 @@ Helpers of ``scripts/run_experiment.py`` for presets with ``"data": {"family": .
   written at ``read_mpp``; ``cells`` slides have their field laid out at ``grid_mpp = read_mpp`` (so their
   ambiguity, sized in grid cells, is sized in the same 32 µm cells) and cycle through ``mpps`` (default
   ``(read_mpp / 2, read_mpp)``: every slide has a pyramid level at ``read_mpp``).
+* :func:`family_components` / :func:`generate_training_set`: a training set of several families
+  (``data.family: ["synthetic", "cells"]``, named ``"synthetic+cells"``): each family's train/val/test splits are
+  generated into ``data_<family>/`` and one merged ``manifest.json`` lists them all with the slide ids prefixed by
+  the family (``cells_train_000``), so one prepared folder holds the mix and the in-family table is the mix's
+  test slides; a family of the mix cannot also be a cross-family test family.
 * :func:`prepare_family`: ``prepare_dataset`` with ``PrepareConfig.target_mpp = read_mpp``;
   :func:`cell_sizes_um` / :func:`check_cell_size` check that every prepared slide's cell is the same µm.
 * :func:`pooled_metrics`: the metrics of several heatmap folders (test slides of several families) pooled as
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,8 @@ __all__ = [
     "DIFF_COLUMNS",
     "family_generator_kwargs",
     "generate_family",
+    "family_components",
+    "generate_training_set",
     "prepare_family",
     "cell_sizes_um",
     "check_cell_size",
@@ -99,6 +107,62 @@ def generate_family(out_dir: str | Path, family: str, data: Mapping[str, Any],
     n_train, n_val = (int(data["n_train"]), int(data["n_val"])) if training else (0, 0)
     return generate_family_dataset(out_dir, family, n_train=n_train, n_val=n_val, n_test=int(data["n_test"]),
                                    seed=int(data["data_seed"]), **kw)
+
+
+def family_components(family: str | Sequence[str]) -> list[str]:
+    """The families of a training set: ``"synthetic"`` -> ``["synthetic"]``; ``"synthetic+cells"`` or
+    ``["synthetic", "cells"]`` -> ``["synthetic", "cells"]`` (order kept, repeats dropped)."""
+    names = family.split("+") if isinstance(family, str) else [str(f) for f in family]
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError(f"no slide family in {family!r}")
+    return list(dict.fromkeys(names))
+
+
+def generate_training_set(root: str | Path, family: str, data: Mapping[str, Any],
+                          family_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """The training family's dataset: one family into ``root/data`` as before, or a mix of families (``"a+b"``).
+
+    A mix generates every family's train/val/test splits (``data["n_train"]``, ``n_val``, ``n_test`` slides each)
+    into ``root/data_<family>/`` and writes ``root/data/manifest.json`` listing all their slides, ids prefixed with
+    the family (``<family>_<id>``; paths relative to the merged manifest, each record's ``family`` kept). The
+    preset's ``data.generator`` holds one family's settings, so a mix takes its settings from ``family_kwargs``
+    only.
+
+    Returns:
+        The (merged) ``manifest.json`` path.
+
+    Raises:
+        SystemExit: ``data.generator`` is set for a mix.
+    """
+    from monai_wsi_ext.io.atomic import write_json_atomic
+
+    root, family_kwargs = Path(root), family_kwargs or {}
+    parts = family_components(family)
+    if len(parts) == 1:
+        return generate_family(root / "data", parts[0], data, family_kwargs.get(parts[0]), training=True)
+    if data.get("generator"):
+        raise SystemExit(f"error: `data.generator` holds one family's settings; for the mix {family!r} put each "
+                         "family's settings under `family_kwargs.<family>`")
+    merged_dir = root / "data"
+    merged_dir.mkdir(parents=True, exist_ok=True)
+    slides, splits, configs = [], {}, {}
+    for fam in parts:
+        manifest = generate_family(root / f"data_{fam}", fam, data, family_kwargs.get(fam), training=True)
+        meta = json.loads(manifest.read_text())
+        configs[fam] = meta.get("config")
+        for rec in meta["slides"]:
+            rec = dict(rec)
+            for key in ("image", "asap_xml", "geojson", "truth", "mask", "annotation"):
+                if rec.get(key) and not Path(rec[key]).is_absolute():
+                    rec[key] = os.path.relpath(manifest.parent / rec[key], merged_dir)
+            rec["id"], rec["family"] = f"{fam}_{rec['id']}", rec.get("family", fam)
+            splits.setdefault(rec.get("split", "train"), []).append(rec["id"])
+            slides.append(rec)
+    out = merged_dir / "manifest.json"
+    write_json_atomic(out, {"name": f"mix of {', '.join(parts)}", "families": parts, "seed": int(data["data_seed"]),
+                            "config": configs, "splits": splits, "slides": slides})
+    return out
 
 
 def prepare_family(manifest: str | Path, out_dir: str | Path, data: Mapping[str, Any]) -> dict[str, Any]:
