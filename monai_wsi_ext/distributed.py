@@ -38,6 +38,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch.utils.data import Dataset
 
+from monai_wsi_ext.engines.handlers import attach_once
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.io.atomic import write_json_atomic
 from monai_wsi_ext.utils import file_sha256
@@ -309,12 +310,8 @@ class DistributedSummary:
         self._attached: set[int] = set()
 
     def attach(self, engine: Engine) -> None:
-        if id(engine) in self._attached:
-            return
-        self._attached.add(id(engine))
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.COMPLETED, self)
-        engine.distributed_summary = self  # found by run_sharded on a rank without slides
+        if attach_once(engine, self._attached, [(Events.STARTED, self.started), (Events.COMPLETED, self)]):
+            engine.distributed_summary = self  # found by run_sharded on a rank without slides
 
     def started(self, engine: Engine) -> None:
         self._t0 = time.perf_counter()
@@ -406,12 +403,8 @@ class SlideProgress:
         self._attached: set[int] = set()
 
     def attach(self, engine: Engine) -> None:
-        if id(engine) in self._attached:
-            return
-        self._attached.add(id(engine))
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
+        attach_once(engine, self._attached, [(Events.STARTED, self.started), (Events.ITERATION_COMPLETED, self),
+                                             (Events.COMPLETED, self.completed)])
 
     def started(self, engine: Engine) -> None:
         self._t0, self._done, self._n = time.perf_counter(), 0.0, 0

@@ -35,7 +35,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 from torch.utils.data import Dataset
 
-from monai_wsi_ext.engines.handlers import init_state_records, slide_batch_item
+from monai_wsi_ext.engines.handlers import attach_once, init_state_records, slide_batch_item
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.io.atomic import write_json_atomic, write_npy_atomic
 from monai_wsi_ext.labels import LABEL_TUMOR
@@ -195,12 +195,8 @@ class HierarchicalReport:
         self._attached: set[int] = set()
 
     def attach(self, engine: Engine) -> None:
-        if id(engine) in self._attached:
-            return
-        self._attached.add(id(engine))
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self.summarize)
+        attach_once(engine, self._attached, [(Events.STARTED, self._started), (Events.ITERATION_COMPLETED, self),
+                                             (Events.COMPLETED, self.summarize)])
 
     def _started(self, engine: Engine) -> None:
         init_state_records(engine)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 from ignite.engine import Engine, Events
 
 from monai_wsi_ext.model.networks import load_checkpoint
 
-__all__ = ["StrictCheckpointLoader", "slide_batch_item", "init_state_records"]
+__all__ = ["StrictCheckpointLoader", "slide_batch_item", "init_state_records", "attach_once"]
 
 
 def slide_batch_item(engine: Engine) -> dict:
@@ -21,6 +24,18 @@ def init_state_records(engine: Engine, names: tuple[str, ...] = ("results", "fai
     for name in names:
         if not hasattr(engine.state, name):
             setattr(engine.state, name, {})
+
+
+def attach_once(engine: Engine, attached: set[int], handlers: Sequence[tuple[Any, Callable]]) -> bool:
+    """Add each ``(event, function)`` of ``handlers`` to ``engine``, unless ``attached`` (the handler's own set of
+    engine ids) already holds this engine: a handler that a config lists and a workflow also attaches then runs
+    once. Returns True when the handlers were added."""
+    if id(engine) in attached:
+        return False
+    attached.add(id(engine))
+    for event, function in handlers:
+        engine.add_event_handler(event, function)
+    return True
 
 
 class StrictCheckpointLoader:

@@ -36,7 +36,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from monai_wsi_ext.engines.handlers import slide_batch_item
+from monai_wsi_ext.engines.handlers import attach_once, slide_batch_item
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.io.atomic import is_temporary_name, write_json_atomic, write_text_atomic
 from monai_wsi_ext.prep.prepare import SLIDE_SUFFIXES
@@ -276,10 +276,7 @@ class ArchiveEntryWriter:
         self._attached: set[int] = set()
 
     def attach(self, engine: Engine) -> None:
-        if id(engine) in self._attached:
-            return
-        self._attached.add(id(engine))
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        attach_once(engine, self._attached, [(Events.ITERATION_COMPLETED, self)])
 
     def __call__(self, engine: Engine) -> None:
         item = slide_batch_item(engine)

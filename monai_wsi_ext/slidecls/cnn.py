@@ -36,7 +36,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.utils.data import Dataset
 
-from monai_wsi_ext.engines.handlers import init_state_records, slide_batch_item
+from monai_wsi_ext.engines.handlers import attach_once, init_state_records, slide_batch_item
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.model.backbones import build_backbone
 from monai_wsi_ext.model.predict import eval_mode
@@ -271,12 +271,8 @@ class SlideScoreWriter:
         self._attached: set[int] = set()
 
     def attach(self, engine: Engine) -> None:
-        if id(engine) in self._attached:
-            return
-        self._attached.add(id(engine))
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self.write)
+        attach_once(engine, self._attached, [(Events.STARTED, self._started), (Events.ITERATION_COMPLETED, self),
+                                             (Events.COMPLETED, self.write)])
 
     def _started(self, engine: Engine) -> None:
         init_state_records(engine)
