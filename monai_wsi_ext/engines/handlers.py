@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
 
+from monai_wsi_ext.io.atomic import remove_stale_temporaries
 from monai_wsi_ext.model.networks import load_checkpoint
 
-__all__ = ["StrictCheckpointLoader", "slide_batch_item", "init_state_records", "attach_once"]
+__all__ = ["StrictCheckpointLoader", "slide_batch_item", "init_state_records", "attach_once", "SlideOutputWriter"]
 
 
 def slide_batch_item(engine: Engine) -> dict:
@@ -36,6 +39,34 @@ def attach_once(engine: Engine, attached: set[int], handlers: Sequence[tuple[Any
     for event, function in handlers:
         engine.add_event_handler(event, function)
     return True
+
+
+class SlideOutputWriter:
+    """Base of the handlers that write each slide's outputs under ``self.output_dir`` (heatmaps, feature files,
+    tile segmentation outputs): when the run starts, the temporary files a killed run left in ``output_dir`` are
+    removed and ``engine.state`` gets its ``results`` and ``failed`` records (:func:`init_state_records`); each
+    iteration is timed from its start (:meth:`_seconds`); the handler itself runs when an iteration completes."""
+
+    output_dir: Path
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        remove_stale_temporaries(self.output_dir)
+        init_state_records(engine)
+
+    def _iteration_started(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
+
+    def _seconds(self) -> float:
+        """Seconds since the current iteration started, rounded to 0.01 (about 0 when no iteration has started)."""
+        return round(time.perf_counter() - getattr(self, "_t0", time.perf_counter()), 2)
+
+    def __call__(self, engine: Engine) -> None:
+        raise NotImplementedError
 
 
 class StrictCheckpointLoader:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils.enums import CommonKeys as Keys
 
-from monai_wsi_ext.engines.handlers import slide_batch_item
+from monai_wsi_ext.engines.handlers import SlideOutputWriter, slide_batch_item
 from monai_wsi_ext.errors import MonaiWsiExtError
 from monai_wsi_ext.io.atomic import remove_stale_temporaries, write_json_atomic, write_npz_atomic
 from monai_wsi_ext.model.predict import prob_grid
@@ -50,7 +49,7 @@ def dicom_seg_types(value: str | list | tuple | None) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-class HeatmapWriter:
+class HeatmapWriter(SlideOutputWriter):
     """After each slide: the per-patch probabilities on the grid -> ``<output_dir>/<slide_id>/`` (``.npy``/PNG maps,
     aligned pyramidal TIFF, overlay on the slide's thumbnail, QuPath GeoJSON of tumor regions, slide score and run
     record; see :func:`~monai_wsi_ext.outputs.writers.write_slide_outputs`) and the grid labels.
@@ -97,21 +96,6 @@ class HeatmapWriter:
             if importlib.util.find_spec("itk") is None:
                 raise ConfigError("`itk_format` needs the `itk` extra: pip install -e \".[itk]\"")
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def _started(self, engine: Engine) -> None:
-        remove_stale_temporaries(self.output_dir)
-        if not hasattr(engine.state, "results"):
-            engine.state.results = {}
-        if not hasattr(engine.state, "failed"):
-            engine.state.failed = {}
-
-    def _iteration_started(self, engine: Engine) -> None:
-        self._t0 = time.perf_counter()
-
     def __call__(self, engine: Engine) -> None:
         out = engine.state.output
         if out is None or out.get(Keys.PRED) is None:
@@ -135,7 +119,7 @@ class HeatmapWriter:
             engine.state.failed[sid] = f"{type(e).__name__}: {e}"
             logger.error("%s: writing the outputs failed (%s)", sid, e)
             return
-        seconds = round(time.perf_counter() - getattr(self, "_t0", time.perf_counter()), 2)
+        seconds = self._seconds()
         engine.state.results[sid] = {"slide_score": written["slide_score"], "status": written.get("status", "ok"),
                                      "n_regions": written.get("n_regions"), "n_patches": len(grid),
                                      "seconds": seconds, "dir": str(self.output_dir / sid)}
@@ -202,7 +186,7 @@ def _table_sha(prepared) -> str | None:
     return h.hexdigest()
 
 
-class FeatureWriter:
+class FeatureWriter(SlideOutputWriter):
     """Feature files of the feature extraction run (``extract_features.json``): after each slide, the encoder's
     output of the slide inferer (:class:`~monai_wsi_ext.model.predict.CanvasInferer` in ``classifier`` mode:
     ``features`` and ``head_probs``, else ``probs``) -> ``<output_dir>/<slide_id>.npz`` with ``features`` (N, C),
@@ -235,11 +219,6 @@ class FeatureWriter:
         self.transform_desc, self.overwrite = dict(transform_desc or {}), bool(overwrite)
         self._key: str | None = None
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
     def _started(self, engine: Engine) -> None:
         remove_stale_temporaries(self.output_dir)
         self._key = encoder_key(self.encoder, self.checkpoint, self.transform_desc)
@@ -270,7 +249,7 @@ class FeatureWriter:
             return False
 
     def _iteration_started(self, engine: Engine) -> None:
-        self._t0 = time.perf_counter()
+        super()._iteration_started(engine)
         item = slide_batch_item(engine)
         if not isinstance(item, dict) or item.get("error") or item.get("prepared") is None:
             return
@@ -306,7 +285,7 @@ class FeatureWriter:
             engine.state.failed[sid] = f"{type(e).__name__}: {e}"
             logger.error("%s: writing the feature file failed (%s)", sid, e)
             return
-        seconds = round(time.perf_counter() - getattr(self, "_t0", time.perf_counter()), 2)
+        seconds = self._seconds()
         engine.state.results[sid] = {"file": str(path), "n_patches": len(grid), "seconds": seconds}
         logger.info("%s: %d patches encoded in %.1f s", sid, len(grid), seconds)
 

@@ -29,18 +29,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_wsi_ext.baselines.segmentation import cell_means
-from monai_wsi_ext.engines.handlers import init_state_records, slide_batch_item
+from monai_wsi_ext.engines.handlers import SlideOutputWriter, slide_batch_item
 from monai_wsi_ext.errors import MonaiWsiExtError
 from monai_wsi_ext.evaluation.metrics import dice
 from monai_wsi_ext.evaluation.report import find_truth, load_truth_mask
@@ -263,7 +262,7 @@ def write_tile_seg_outputs(
             "pixel_dice": dice_info.get("pixel_dice"), "record": record}
 
 
-class TileSegWriter:
+class TileSegWriter(SlideOutputWriter):
     """After each slide of ``infer_tile_seg.json``: post-process the inferer's probability mask
     (:class:`~monai_wsi_ext.tileseg.postprocess.TileSegPostprocess`) and write the slide's outputs
     (:func:`write_tile_seg_outputs`) under ``<output_dir>/<slide_id>/``.
@@ -297,18 +296,6 @@ class TileSegWriter:
         self.config, self.weights, self.backend = config, dict(weights or {}), backend
         self._cache: dict = {}
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def _started(self, engine: Engine) -> None:
-        remove_stale_temporaries(self.output_dir)
-        init_state_records(engine)
-
-    def _iteration_started(self, engine: Engine) -> None:
-        self._t0 = time.perf_counter()
-
     def write(self, prepared, pred: Mapping[str, Any]) -> dict[str, Any]:
         """Post-process and write one slide from the inferer's output ``pred``."""
         prob, ds, target_mpp = pred["pixel_prob"], float(pred["downsample"]), float(pred["target_mpp"])
@@ -337,7 +324,7 @@ class TileSegWriter:
             engine.state.failed[sid] = f"{type(e).__name__}: {e}"
             logger.error("%s: writing the tile segmentation outputs failed (%s)", sid, e)
             return
-        seconds = round(time.perf_counter() - getattr(self, "_t0", time.perf_counter()), 2)
+        seconds = self._seconds()
         engine.state.results[sid] = {"slide_score": written["slide_score"], "status": written["status"],
                                      "n_regions": written["n_regions"], "pixel_dice": written["pixel_dice"],
                                      "tiles": out[Keys.PRED].get("tiles"), "seconds": seconds,
