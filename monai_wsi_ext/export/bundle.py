@@ -143,6 +143,31 @@ def bundle_config_files(
     return [str(f) for f in files]
 
 
+def _existing_checkpoint(ckpt_file: str | os.PathLike, network: str) -> Path:
+    """``ckpt_file`` as a path; ConfigError when it does not exist (the ``network`` is not trained yet)."""
+    ckpt_file = Path(ckpt_file)
+    if not ckpt_file.is_file():
+        raise ConfigError(f"`ckpt_file` {str(ckpt_file)!r} does not exist; train the {network} first.")
+    return ckpt_file
+
+
+def _export_path(filepath: str | os.PathLike, suffix: str) -> Path:
+    """``filepath`` as a path; ConfigError when it does not end in ``suffix`` (``.ts``, ``.onnx``)."""
+    filepath = Path(filepath)
+    if filepath.suffix != suffix:
+        raise ConfigError(f"`filepath` must end in {suffix}, got {str(filepath)!r}.")
+    return filepath
+
+
+def _network_configs(network: str, bundle_root: str | os.PathLike, extra_config_files: Sequence[str | os.PathLike],
+                     meta_file: str | os.PathLike | None) -> tuple[list[str], str]:
+    """The config files that define ``network`` (:func:`bundle_config_files`) and the metadata file (``meta_file``,
+    by default ``<bundle_root>/configs/metadata.json``), as strings."""
+    config_files = bundle_config_files(network, bundle_root, extra_config_files)
+    meta = str(meta_file) if meta_file is not None else str(Path(bundle_root) / "configs" / "metadata.json")
+    return config_files, meta
+
+
 def _eager_network(config_files: Sequence[str], meta_file: str | None, ckpt_file: str, key_in_ckpt: str, **override):
     from monai.bundle import ConfigParser
 
@@ -242,14 +267,9 @@ def export_network(
     """
     from monai.bundle import ckpt_export
 
-    ckpt_file = Path(ckpt_file)
-    if not ckpt_file.is_file():
-        raise ConfigError(f"`ckpt_file` {str(ckpt_file)!r} does not exist; train the {network} first.")
-    config_files = bundle_config_files(network, bundle_root, extra_config_files)
-    meta = str(meta_file) if meta_file is not None else str(Path(bundle_root) / "configs" / "metadata.json")
-    filepath = Path(filepath)
-    if filepath.suffix != ".ts":
-        raise ConfigError(f"`filepath` must end in .ts, got {str(filepath)!r}.")
+    ckpt_file = _existing_checkpoint(ckpt_file, network)
+    config_files, meta = _network_configs(network, bundle_root, extra_config_files, meta_file)
+    filepath = _export_path(filepath, ".ts")
     if use_trace and input_shape is None:
         input_shape = [1, 3, 224, 224] if network == "encoder" else None  # None: taken from the metadata
     with atomic_path(filepath) as tmp:
@@ -352,14 +372,9 @@ def export_onnx_network(
     from monai_wsi_ext.runtime.backends import open_session
     from monai_wsi_ext.runtime.onnx import META_BUNDLE, export_onnx, onnx_max_abs_diff
 
-    ckpt_file = Path(ckpt_file)
-    if not ckpt_file.is_file():
-        raise ConfigError(f"`ckpt_file` {str(ckpt_file)!r} does not exist; train the {network} first.")
-    filepath = Path(filepath)
-    if filepath.suffix != ".onnx":
-        raise ConfigError(f"`filepath` must end in .onnx, got {str(filepath)!r}.")
-    config_files = bundle_config_files(network, bundle_root, extra_config_files)
-    meta = str(meta_file) if meta_file is not None else str(Path(bundle_root) / "configs" / "metadata.json")
+    ckpt_file = _existing_checkpoint(ckpt_file, network)
+    filepath = _export_path(filepath, ".onnx")
+    config_files, meta = _network_configs(network, bundle_root, extra_config_files, meta_file)
     eager = _eager_network(config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override)
     settings = _resolved_settings(config_files, meta, bundle_root, override)
     side = int(settings.get("crop_size") or settings.get("patch_size") or 224)
