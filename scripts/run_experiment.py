@@ -426,7 +426,8 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
     if crossed:
         kws = {f: xf.family_generator_kwargs(f, d, cfg["family_kwargs"].get(f), f == train_family)
                for f in {*test_families[1:], *xf.family_components(train_family)}}
-        caption = (f"Trained on `{train_family}` ({d['n_train']} training, {d['n_val']} validation slides), "
+        per = " per family" if "+" in train_family else ""
+        caption = (f"Trained on `{train_family}` ({d['n_train']} training, {d['n_val']} validation slides{per}), "
                    f"{d['n_test']} test slides per family; {d['size']} px slides at the read resolution "
                    f"{d['read_mpp']} µm/px, {d['patch_size']} px cells = {cell_um:.1f} µm on every family; "
                    f"generator settings {json.dumps(kws, sort_keys=True)}; seeds {cfg['seeds']}; methods "
