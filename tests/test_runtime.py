@@ -182,6 +182,43 @@ def test_exported_onnx_folder_runs_through_run_exported_inference(models, tmp_pa
     assert "encoder.onnx" in json.dumps(record) and "onnxruntime" in json.dumps(record)
 
 
+def test_exported_prob_channel_unet_runs_with_its_extra_channel(models, tmp_path):
+    """A U-Net trained with ``canvas_prob_channel: true`` (17 input channels) exports that setting, and the exported
+    path appends the encoder head's probability as the bundle's inference does (it used to pass 16 channels and
+    fail every slide)."""
+    from monai_wsi_ext.deploy.models import load_exported_models, run_exported_inference
+    from monai_wsi_ext.export.bundle import export_onnx_network
+    from monai_wsi_ext.inference.slides import SlideInference
+    from monai_wsi_ext.testing.synthetic import generate_dataset
+
+    manifest = generate_dataset(tmp_path / "data", n_train=0, n_val=0, n_test=1, seed=5, width=768, height=768,
+                                patch_size=64, n_lumps=1)
+    slide = Path(manifest).parent / "slides" / "test_000.tif"
+    torch.manual_seed(2)
+    unet = bundle_unet([str(CONFIGS / "common.json")], canvas_prob_channel=True)
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    out = tmp_path / "models"
+    export_onnx_network("encoder", models["ckpt"] / "encoder.pt", out / "encoder.onnx", bundle_root=BUNDLE,
+                        canvas_prob_channel=True, **SETTINGS)
+    export_onnx_network("unet", tmp_path / "unet.pt", out / "unet.onnx", bundle_root=BUNDLE, canvas_prob_channel=True,
+                        **SETTINGS)
+    loaded = load_exported_models(out, runtime="onnxruntime")
+    assert loaded.settings["canvas_prob_channel"] is True
+    summary = run_exported_inference(slide, tmp_path / "onnx_out", loaded, batch_size=16)
+    assert summary["failed"] == {}
+    got = np.load(tmp_path / "onnx_out" / "test_000" / "test_000_prob.npy")
+    eager = SlideInference(str(tmp_path / "eager_out"), PatchEncoder("googlenet", 16, 2),
+                           bundle_unet([str(CONFIGS / "common.json")], canvas_prob_channel=True),
+                           encoder_checkpoint=str(models["ckpt"] / "encoder.pt"),
+                           unet_checkpoint=str(tmp_path / "unet.pt"), slides=slide, prepare={"patch_size": 64},
+                           canvas_size=32, crop_size=56, device="cpu", batch_size=16, prob_channel=True)
+    assert eager.run()["failed"] == {}
+    want = np.load(tmp_path / "eager_out" / "test_000" / "test_000_prob.npy")
+    tissue = np.isfinite(want)
+    assert tissue.sum() > 10 and np.array_equal(tissue, np.isfinite(got))
+    assert np.abs(got[tissue] - want[tissue]).max() <= 5e-4
+
+
 def test_inference_config_declares_the_runtime(models, tmp_path):
     """inference.json's runtime_encoder/runtime_network follow `runtime` and `precision`."""
     from monai.bundle import ConfigParser

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 _NAMES = ("encoder", "unet")
 # settings both files must agree on (they were exported from one training run)
-_SHARED = ("feature_dim", "patch_size", "patch_level", "crop_size", "canvas_size", "canvas_mode", "stain_normalize")
+_SHARED = ("feature_dim", "patch_size", "patch_level", "crop_size", "canvas_size", "canvas_mode", "canvas_prob_channel",
+           "stain_normalize")
 
 
 @dataclass
@@ -201,7 +202,8 @@ def run_exported_inference(slides, output_dir: str | os.PathLike, models: Export
     inference = SlideInference(
         output_dir=str(output_dir), encoder=models.encoder, unet=models.unet if mode == "canvas" else None,
         slides=slides, prepare=prep, canvas_size=int(st.get("canvas_size", 512)),
-        canvas_mode=str(st.get("canvas_mode", "slide")), mode=mode, threshold=float(threshold), device=device,
+        canvas_mode=str(st.get("canvas_mode", "slide")), prob_channel=bool(st.get("canvas_prob_channel", False)),
+        mode=mode, threshold=float(threshold), device=device,
         batch_size=int(batch_size or (16 if torch.device(device).type == "cpu" else 64)),
         crop_size=st.get("crop_size", 224), backend=backend,
         stain_normalize=bool(st.get("stain_normalize", False)),

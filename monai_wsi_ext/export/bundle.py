@@ -52,7 +52,7 @@ SETTINGS_FILE = "wsi_canvas.json"
 """Extra file embedded in each exported ``.ts``: the resolved settings inference needs (see :data:`SETTINGS_KEYS`)."""
 
 SETTINGS_KEYS = ("backbone", "feature_dim", "patch_size", "patch_level", "crop_size", "canvas_size", "canvas_mode",
-                 "stain_normalize", "mpp", "prepare")
+                 "canvas_prob_channel", "stain_normalize", "mpp", "prepare")
 """Config keys resolved at export time and embedded as :data:`SETTINGS_FILE` (those the configs define)."""
 
 

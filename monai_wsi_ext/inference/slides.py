@@ -133,6 +133,8 @@ class SlideInference:
         precision: ``fp32``, ``bf16`` or ``int8`` (the encoder from ``int8_encoder``; the U-Net stays fp32).
         int8_encoder: the calibrated int8 encoder (``scripts/calibrate_int8.py``), with ``precision="int8"``.
         runtime_threads: runtime threads (default: torch's).
+        prob_channel: the ``canvas_prob_channel`` option the U-Net was trained with (the encoder head's probability
+            as canvas channel ``feature_dim``; exported models carry it in their embedded settings).
     """
 
     def __init__(self, output_dir: str, encoder: torch.nn.Module, unet: torch.nn.Module | None = None,
@@ -144,7 +146,7 @@ class SlideInference:
                  stain_normalize: bool = False, config: dict | None = None, weight_files: dict | None = None,
                  itk_format: str | None = None, dicom_seg: str | list | None = None, dicom_annotations: bool = False,
                  runtime: str = "torch", precision: str = "fp32", int8_encoder: str | None = None,
-                 runtime_threads: int | None = None):
+                 runtime_threads: int | None = None, prob_channel: bool = False):
         if mode not in ("canvas", "classifier"):
             raise ValueError(f"`mode` must be 'canvas' or 'classifier', got {mode!r}.")
         if mode == "canvas" and unet is None:
@@ -165,7 +167,8 @@ class SlideInference:
         self.run_encoder = runtime_network(self.encoder, "encoder", runtime, precision, int8_encoder, runtime_threads)
         self.run_unet = None if self.unet is None else runtime_network(
             self.unet, "unet", runtime, "fp32" if precision == "int8" else precision, None, runtime_threads)
-        self.inferer = CanvasInferer(self.run_encoder, canvas_size, canvas_mode, batch_size, channels_last, mode)
+        self.inferer = CanvasInferer(self.run_encoder, canvas_size, canvas_mode, batch_size, channels_last, mode,
+                                     prob_channel=prob_channel)
         self.loaders = [StrictCheckpointLoader(encoder_checkpoint, self.encoder, "encoder_ckpt")]
         if self.unet is not None and mode == "canvas":
             self.loaders.append(StrictCheckpointLoader(unet_checkpoint, self.unet, "unet_ckpt"))
