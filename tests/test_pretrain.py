@@ -97,6 +97,33 @@ def test_pretrain_config_then_supervised_start(prepared_dataset, tmp_path):
     assert backbone and all(torch.equal(state[k], saved[k]) for k in backbone)
 
 
+def test_pretraining_fits_the_input_normalisation_it_trains_with(prepared_dataset, tmp_path):
+    """``--input_norm standardize``: pretraining fits the statistics on its own patches before the first step (it
+    trained on unfitted ones before) and saves them with the encoder; the supervised stage loads them."""
+    from monai.bundle import ConfigWorkflow
+
+    from monai_wsi_ext.data.patches import PatchDataset, make_patch_transform
+
+    out, _ = prepared_dataset
+    ckpt = tmp_path / "models"
+    overrides = dict(dataset_dir=str(out), ckpt_dir=str(ckpt), output_dir=str(tmp_path / "out"), crop_size=56,
+                     patch_size=64, max_epochs=1, batch_size=16, samples_per_epoch=32, val_samples=16, recon_size=16,
+                     num_workers=0, device="cpu", input_norm="standardize")
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "pretrain_encoder.json")],
+                        workflow_type=None, **overrides)
+    wf.initialize()
+    items = wf.parser.get_parsed_content("train#items")
+    assert len(items) == 32  # fewer than the fit's 1024: every pretraining patch is measured
+    ds = PatchDataset(items, transform=make_patch_transform(False, 56))
+    pixels = np.stack([ds[i]["image"].numpy() for i in range(len(ds))])  # (N, 3, H, W) in [0, 1]
+    norm = wf.parser.get_parsed_content("encoder").input_norm
+    np.testing.assert_allclose(norm.mean.flatten().numpy(), pixels.mean(axis=(0, 2, 3)), atol=1e-5)
+    np.testing.assert_allclose(norm.std.flatten().numpy(), pixels.std(axis=(0, 2, 3)), rtol=1e-3)
+    wf.run()
+    saved = torch.load(ckpt / "encoder_pretrained.pt", map_location="cpu", weights_only=True)
+    assert torch.equal(saved["input_norm.mean"], norm.mean.cpu())
+
+
 def test_contrastive_loss_falls_and_views_differ(shared_data):
     """SimCLR on real CRC patches: the two views of a patch differ, the NT-Xent loss falls, the backbone learns."""
     from monai_wsi_ext.data.patches import make_patch_transform
