@@ -192,6 +192,43 @@ def _prob_canvas(path: Path, lay) -> torch.Tensor:
                              lay.offset)[0]
 
 
+def test_feature_shift_is_one_affine_map_per_canvas_and_channel(feature_dir):
+    """``feature_shift``: every feature channel of a training canvas is ``a x + b`` of the clean one with one ``(a,
+    b)`` per canvas, ``log a`` of std ``s`` and ``b`` of std ``s`` x the slide's feature std; background and the
+    probability channel stay as they were; validation items are clean."""
+    s = 0.3
+    clean = CanvasDataset(str(feature_dir), "training", canvas_size=32, augment=False, slide_ids=["a"])
+    shifted = CanvasDataset(str(feature_dir), "training", canvas_size=32, augment=False, slide_ids=["a"],
+                            feature_shift=s, prob_channel=True)
+    feats = torch.from_numpy(load_feature_file(feature_dir / "a.npz")["features"]).double()
+    ref = clean[0]["image"].double()
+    lay = clean.items[0]["layout"]
+    tissue = torch.zeros(ref.shape[1:], dtype=torch.bool)
+    tissue[lay.rows - lay.offset[0], lay.cols - lay.offset[1]] = True
+    log_a, b = [], []
+    for _ in range(200):
+        item = shifted[0]
+        assert torch.equal(item["label"], clean[0]["label"])
+        assert torch.equal(item["image"][FEATURE_DIM], _prob_canvas(feature_dir / "a.npz", lay))
+        img = item["image"][:FEATURE_DIM].double()
+        assert not bool(img[:, ~tissue].any())
+        x, y = ref[:, tissue], img[:, tissue]
+        slope = ((x - x.mean(1, keepdim=True)) * (y - y.mean(1, keepdim=True))).sum(1) / \
+            ((x - x.mean(1, keepdim=True)) ** 2).sum(1)
+        icpt = y.mean(1) - slope * x.mean(1)
+        assert torch.allclose(y, slope[:, None] * x + icpt[:, None], atol=1e-4)  # exactly affine per channel
+        log_a.append(slope.log())
+        b.append(icpt)
+    log_a, b = torch.stack(log_a), torch.stack(b)
+    assert torch.allclose(log_a.std(0), torch.full((FEATURE_DIM,), s, dtype=torch.float64), rtol=0.2)
+    assert torch.allclose(b.std(0), s * feats.std(0, unbiased=False), rtol=0.2)
+    val = CanvasDataset(str(feature_dir), "validation", canvas_size=32, train=False, feature_shift=s)
+    assert torch.equal(val[0]["image"], CanvasDataset(str(feature_dir), "validation", canvas_size=32,
+                                                       train=False)[0]["image"])
+    with pytest.raises(ConfigError, match="canvas_feature_shift"):
+        CanvasDataset(str(feature_dir), "training", canvas_size=32, feature_shift=-1)
+
+
 def test_cell_dropout_zeroes_the_right_fraction(feature_dir):
     p = 0.3
     clean = CanvasDataset(str(feature_dir), "training", canvas_size=32, augment=False, slide_ids=["a"],

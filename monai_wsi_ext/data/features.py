@@ -56,6 +56,12 @@ class CanvasDataset(Dataset):
     * ``feature_noise`` (training only): Gaussian noise of standard deviation ``feature_noise`` times the slide's
       per-channel feature standard deviation (over all its patches) is added to the features of the tissue cells
       of each training canvas (not to background, not to the probability channel).
+    * ``feature_shift`` (training only): one random affine map per training canvas and feature channel, ``x' =
+      exp(s z1) x + s z2 std`` with ``z1, z2 ~ N(0, 1)`` drawn per canvas and channel and ``std`` the slide's
+      per-channel feature standard deviation, applied to the tissue cells (not to background, not to the
+      probability channel): slides whose features are shifted as a whole (another stain, scanner or tissue
+      source; feature-statistics augmentation as in domain generalisation), so that the U-Net learns from the
+      cells' relations rather than from absolute feature values. Applied before the noise.
     * ``cell_dropout`` (training only): each tissue cell of a training canvas has its whole vector set to
       background (0) with this probability; its label is kept.
     * ``prob_channel``: the feature files' encoder head probabilities (``probs``) are appended as channel
@@ -86,6 +92,7 @@ class CanvasDataset(Dataset):
         seed: seed of the dataset's generator.
         slide_ids: only these slides.
         feature_noise: ``canvas_feature_noise``, >= 0.
+        feature_shift: ``canvas_feature_shift``, >= 0.
         cell_dropout: ``canvas_cell_dropout``, in [0, 1).
         prob_channel: ``canvas_prob_channel``.
         nolabel_targets: targets for nolabel tissue cells (``canvas_nolabel_weight`` is not null); needs
@@ -102,12 +109,15 @@ class CanvasDataset(Dataset):
                  canvas_mode: str = "slide", train: bool = True, augment: bool = True, multiple: int = 16,
                  seed: int = 0, slide_ids: Sequence[str] | None = None, feature_noise: float = 0.0,
                  cell_dropout: float = 0.0, prob_channel: bool = False, nolabel_targets: bool = False,
-                 prepared_dir: str | None = None):
+                 prepared_dir: str | None = None, feature_shift: float = 0.0):
         splits = split_set(split)
         self.canvas_size, self.train, self.augment = int(canvas_size), train, augment
         self.feature_noise, self.cell_dropout = float(feature_noise), float(cell_dropout)
         if not (np.isfinite(self.feature_noise) and self.feature_noise >= 0):
             raise ConfigError(f"`canvas_feature_noise` must be >= 0, got {feature_noise!r}.")
+        self.feature_shift = float(feature_shift)
+        if not (np.isfinite(self.feature_shift) and self.feature_shift >= 0):
+            raise ConfigError(f"`canvas_feature_shift` must be >= 0, got {feature_shift!r}.")
         if not 0 <= self.cell_dropout < 1:
             raise ConfigError(f"`canvas_cell_dropout` must be in [0, 1), got {cell_dropout!r}.")
         nolabel_targets = bool(nolabel_targets) and train
@@ -129,7 +139,7 @@ class CanvasDataset(Dataset):
             labels = torch.from_numpy(d["labels"]).long()
             rows, cols = torch.from_numpy(d["rows"]).long(), torch.from_numpy(d["cols"]).long()
             slide = {"slide_id": d["slide_id"], "features": feats, "labels": labels, "n_features": feats.shape[1]}
-            if self.feature_noise > 0:
+            if self.feature_noise > 0 or self.feature_shift > 0:
                 slide["feature_std"] = feats.std(dim=0, unbiased=False)
             if prob_channel:
                 if d.get("probs") is None or np.asarray(d["probs"]).shape != (len(feats),):
@@ -156,7 +166,13 @@ class CanvasDataset(Dataset):
         return counts
 
     def _perturb(self, x: torch.Tensor, item: dict) -> torch.Tensor:
-        """Feature noise and cell dropout of the placed patches' vectors ``x`` (N, C) (training only)."""
+        """Feature shift, feature noise and cell dropout of the placed patches' vectors ``x`` (N, C) (training
+        only)."""
+        if self.feature_shift > 0:
+            n, s = item["n_features"], self.feature_shift
+            z = torch.randn((2, n), generator=self.generator, dtype=x.dtype)
+            scale, shift = torch.exp(s * z[0]), s * z[1] * item["feature_std"]
+            x = torch.cat([x[:, :n] * scale + shift, x[:, n:]], dim=1)
         if self.feature_noise > 0:
             n = item["n_features"]
             noise = torch.randn((x.shape[0], n), generator=self.generator, dtype=x.dtype)
