@@ -5,8 +5,10 @@ patches; the classifiers rank tumor above normal better than chance."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,8 +41,11 @@ def test_quick_label_budget_run(tmp_path):
     assert {(r["init"], r["label_fraction"]) for r in rows} == {(i, b) for i in ("random", "autoencoder", "simclr")
                                                                 for b in (0.1, 1.0)}
     n = result["settings"]["labelled_training_patches"]
-    for r in rows:
-        assert r["labelled_patches"] == (n if r["label_fraction"] == 1.0 else round(0.1 * n))
+    per_class = Counter(int(i["label"]) for i in json.loads((out / "prepared" / "datalist.json").read_text())["training"])
+    assert sum(per_class.values()) == n and len(per_class) == 2
+    for r in rows:  # the patches the encoder trained on: ceil(10 %) of each class
+        assert r["labelled_patches"] == (n if r["label_fraction"] == 1.0 else
+                                         sum(math.ceil(0.1 * c) for c in per_class.values()))
         assert r["pooled_roc_auc"] is not None and r["n_test_patches"] > 0
     assert (out / "pretrain_autoencoder" / "encoder_pretrained.pt").is_file()
     assert (out / "pretrain_simclr" / "encoder_pretrained.pt").is_file()

@@ -74,6 +74,7 @@ def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int 
     Raises:
         ConfigError: an unknown preset or init, a budget outside (0, 1].
     """
+    from monai_wsi_ext.data.patches import label_budget, load_datalist
     from monai_wsi_ext.prep.prepare import PrepareConfig, collect_inputs, prepare_dataset
     from monai_wsi_ext.testing.synthetic import generate_dataset
 
@@ -140,7 +141,7 @@ def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int 
                 _bundle(["evaluate.json"], heatmap_dir=str(folder), truth_dir=str(manifest),
                         output_dir=str(run / "bundle"))
                 metrics = json.loads((folder / "metrics_overall.json").read_text())
-                used = max(1, round(budget * n_labelled)) if budget < 1 else n_labelled
+                used = len(label_budget(load_datalist(prepared / "datalist.json", "training"), budget, seed=seed))
                 rows.append({"init": init, "label_fraction": budget, "labelled_patches": used, "method": method,
                              **{k: metrics.get(k) for k in _METRICS}, "n_test_patches": metrics.get("pooled_n")})
     result = {"settings": {**cfg, "preset": preset, "seed": seed, "backbone": backbone,
