@@ -199,7 +199,7 @@ class TestExport(unittest.TestCase):
         # the resolved settings travel with the module (ckpt_export's metadata and configs are kept above)
         self.assertEqual(read_embedded_settings(out), {
             "backbone": "googlenet", "feature_dim": 16, "patch_size": 256, "patch_level": 0, "crop_size": 224,
-            "canvas_size": 512, "canvas_mode": "slide", "stain_normalize": False,
+            "canvas_size": 512, "canvas_mode": "slide", "canvas_prob_channel": False, "stain_normalize": False,
             "prepare": {"patch_size": 256, "level": 0, "target_mpp": None, "mpp": None, "backend": "auto",
                         "tissue_threshold": 0.8, "tumor_threshold": 0.2, "normal_threshold": 0.8, "exhaustive": True,
                         "exclude_ink": True, "annotation_max_outside_fraction": 1.0, "clip_annotations": False,
