@@ -48,7 +48,8 @@ def _top_level_nodes(tree: ast.Module):
 
 def test_the_modules_are_found():
     assert len(MODULES) > 50
-    assert {"monai_wsi_ext.model.predict", "monai_wsi_ext.testing.synthetic", "monai_wsi_ext.engines.e2e"} <= set(MODULES)
+    assert {"monai_wsi_ext.model.predict", "monai_wsi_ext.testing.synthetic",
+            "monai_wsi_ext.engines.e2e"} <= set(MODULES)
 
 
 def test_runtime_modules_never_import_the_testing_package():
