@@ -41,7 +41,8 @@ def test_quick_label_budget_run(tmp_path):
     assert {(r["init"], r["label_fraction"]) for r in rows} == {(i, b) for i in ("random", "autoencoder", "simclr")
                                                                 for b in (0.1, 1.0)}
     n = result["settings"]["labelled_training_patches"]
-    per_class = Counter(int(i["label"]) for i in json.loads((out / "prepared" / "datalist.json").read_text())["training"])
+    training = json.loads((out / "prepared" / "datalist.json").read_text())["training"]
+    per_class = Counter(int(i["label"]) for i in training)
     assert sum(per_class.values()) == n and len(per_class) == 2
     for r in rows:  # the patches the encoder trained on: ceil(10 %) of each class
         assert r["labelled_patches"] == (n if r["label_fraction"] == 1.0 else
