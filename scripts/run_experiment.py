@@ -16,8 +16,8 @@ Cross-family (issue 11): ``data.family`` is the training family (``synthetic``, 
 ``monai_wsi_ext.testing.families``; default ``synthetic``), ``test_families`` the families whose test split every
 trained method predicts (default: only the training family, the behaviour above; ``data.family`` may be a mix,
 ``["synthetic", "cells"]`` or ``"synthetic+cells"``, whose test slides form the in-family table),
-``family_kwargs`` per-family generator settings and ``data.read_mpp`` the common read resolution (every family is prepared with
-``PrepareConfig.target_mpp = read_mpp``, so the grid cell is the same µm on every family; checked). A test
+``family_kwargs`` per-family generator settings and ``data.read_mpp`` the common read resolution (every family is
+prepared with ``PrepareConfig.target_mpp = read_mpp``, so the grid cell is the same µm on every family; checked). A test
 family other than the training one gets ``data_<family>/``, ``prepared_<family>/`` (test split only) and
 ``seed_<s>/heatmaps_<family>/<method>/`` (evaluated with ``evaluate.json`` against that family's truth); the
 pooled cross-family metrics (all those slides, patches pooled) go to
