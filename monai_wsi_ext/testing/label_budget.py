@@ -61,10 +61,6 @@ def _bundle(configs: Sequence[str], **overrides: Any) -> None:
                meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"), **overrides)
 
 
-def _labelled(datalist: Path) -> int:
-    return len(json.loads(datalist.read_text())["training"])
-
-
 def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int = 0, backbone: str | None = None,
                      budgets: Sequence[float] | None = None, inits: Sequence[str] | None = None,
                      canvas: bool | None = None) -> dict:
@@ -109,7 +105,8 @@ def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int 
                     PrepareConfig(patch_size=cfg["patch_size"], thumbnail_max_size=1024), progress=False)
     if summary["failed"]:
         raise ConfigError(f"label budget: preparing the slides failed: {summary['failed']}")
-    n_labelled = _labelled(prepared / "datalist.json")
+    labelled = load_datalist(prepared / "datalist.json", "training")
+    n_labelled = len(labelled)
     common = {"dataset_dir": str(prepared), "seed": int(seed), "backbone": backbone, "crop_size": cfg["crop_size"],
               "patch_size": cfg["patch_size"], "canvas_size": cfg["canvas_size"], "num_workers": 0}
     starts: dict[str, str | None] = {"random": None}
@@ -125,6 +122,7 @@ def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int 
     for init in cfg["inits"]:
         for budget in cfg["budgets"]:
             run = out / f"{init}_{budget:g}"
+            used = len(label_budget(labelled, budget, seed=seed))  # the patches train_encoder.json draws
             stage = {**common, "ckpt_dir": str(run / "models"), "output_dir": str(run / "bundle")}
             timed(f"{init} {budget:g}: train encoder", _bundle, ["train_encoder.json"], **stage, **cfg["encoder"],
                   label_fraction=budget, pretrained_path=starts[init])
@@ -141,7 +139,6 @@ def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int 
                 _bundle(["evaluate.json"], heatmap_dir=str(folder), truth_dir=str(manifest),
                         output_dir=str(run / "bundle"))
                 metrics = json.loads((folder / "metrics_overall.json").read_text())
-                used = len(label_budget(load_datalist(prepared / "datalist.json", "training"), budget, seed=seed))
                 rows.append({"init": init, "label_fraction": budget, "labelled_patches": used, "method": method,
                              **{k: metrics.get(k) for k in _METRICS}, "n_test_patches": metrics.get("pooled_n")})
     result = {"settings": {**cfg, "preset": preset, "seed": seed, "backbone": backbone,
