@@ -24,6 +24,11 @@ pooled cross-family metrics (all those slides, patches pooled) go to
 ``seed_<s>/pooled_cross_family/<method>/metrics_overall.json``; ``results.md`` then has the in-family, pooled
 cross-family and per-family tables with the method-minus-classifier differences (helpers in
 ``monai_wsi_ext/testing/cross_family.py``; see ``bundle/docs/cross_family.md``).
+
+Operating threshold: with ``validation_threshold: accuracy`` (preset key or ``--validation_threshold``) every table is
+also rescored at the threshold chosen per seed and method on the training family's validation slides
+(``results_validation_threshold.md``); ``python scripts/run_experiment.py threshold --output_dir <run>`` does the same
+for a finished run.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 PRESETS = REPO / "configs" / "experiments"
 
-__all__ = ["run", "load_preset", "METHODS"]
+__all__ = ["run", "threshold", "load_preset", "METHODS"]
 
 logger = logging.getLogger("run_experiment")
 
@@ -157,6 +162,14 @@ def _merge(preset: dict, overrides: dict) -> dict:
     cfg.setdefault("family_kwargs", {})
     if cfg["test_families"] != [data["family"]] and data.get("read_mpp") is None:
         data["read_mpp"] = 0.5  # one physical cell size on every family (64 px at 0.5 µm/px = 32 µm)
+    if overrides.get("validation_threshold") is not None:
+        cfg["validation_threshold"] = overrides["validation_threshold"]
+    if cfg.get("validation_threshold"):
+        from monai_wsi_ext.evaluation.calibration import CRITERIA
+
+        if cfg["validation_threshold"] not in CRITERIA:
+            raise SystemExit(f"error: validation_threshold {cfg['validation_threshold']!r} is not one of "
+                             f"{list(CRITERIA)}")
     if overrides.get("seeds") is not None:
         seeds = overrides["seeds"]
         cfg["seeds"] = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
@@ -208,6 +221,32 @@ def _out_of_fold_features(cfg: dict, sd: Path, prepared: Path, stage) -> Path:
     return assemble_features(sd / "bundle" / "features_oof", sources)
 
 
+def _common_overrides(cfg: dict, seed: int, sd: Path, prepared: Path) -> dict[str, Any]:
+    """The overrides every bundle stage of one seed gets (folders, seed, backbone, sizes, ``bundle.overrides``)."""
+    b = cfg["bundle"]
+    return {"dataset_dir": str(prepared), "output_dir": str(sd / "bundle"), "ckpt_dir": str(sd / "models"),
+            "seed": int(seed), "backbone": b["backbone"], "crop_size": int(b["crop_size"]),
+            "canvas_size": int(b["canvas_size"]), "num_workers": int(b.get("num_workers", 0)),
+            "patch_size": int(cfg["data"]["patch_size"]), **b.get("overrides", {})}
+
+
+def _predict_specs(cfg: dict, sd: Path) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """Method -> (configs, overrides) of its prediction on a split of the prepared folder ``dataset_dir``."""
+    models = sd / "models"
+    frozen = {"ckpt_dir": str(sd / "models_frozen"), "feature_dir": str(sd / "bundle" / "features_frozen"),
+              "pretrained_path": cfg.get("frozen", {}).get("pretrained_path")}
+    s = cfg.get("segmentation", {})
+    seg = {"ckpt_dir": str(sd / "models_seg"), "seg_downsample": s.get("seg_downsample"),
+           "seg_crop_size": int(s.get("seg_crop_size") or 0)}
+    return {"classifier": (["inference.json", "baseline_classifier.json"], {}),
+            "separate": (["inference.json"], {"mode": "canvas"}),
+            "frozen": (["inference.json", "baseline_frozen_features.json"], {"mode": "canvas", **frozen}),
+            # predict only (the trainer is built on the training family's folder but not run)
+            "segmentation": (["baseline_segmentation.json", "baseline_segmentation_predict.json"], seg),
+            "e2e": (["inference.json"], {"mode": "canvas", "encoder_ckpt": str(models / "encoder_e2e.pt"),
+                                         "unet_ckpt": str(models / "unet_e2e.pt")})}
+
+
 def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, timings: dict,
               others: dict[str, tuple[Path, Path]] | None = None) -> dict[str, dict[str, Path]]:
     """Train and predict every method for one seed, on the training family's test split and on the test split of
@@ -216,15 +255,11 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
     family under ``cfg["data"]["family"]``)."""
     sd = root / f"seed_{seed}"
     hm = sd / "heatmaps"
-    b = cfg["bundle"]
-    common = {"dataset_dir": str(prepared), "output_dir": str(sd / "bundle"), "ckpt_dir": str(sd / "models"),
-              "seed": int(seed), "backbone": b["backbone"], "crop_size": int(b["crop_size"]),
-              "canvas_size": int(b["canvas_size"]), "num_workers": int(b.get("num_workers", 0)),
-              "patch_size": int(cfg["data"]["patch_size"]), **b.get("overrides", {})}
+    common = _common_overrides(cfg, seed, sd, prepared)
     methods = cfg["methods"]
     out: dict[str, Path] = {}
     # method -> (configs, overrides) of its prediction on the test split of the prepared folder `dataset_dir`
-    predict: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    predict = _predict_specs(cfg, sd)
 
     def stage(name: str, configs: list[str], **kw: Any) -> None:
         t = time.perf_counter()
@@ -237,7 +272,6 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
         stage("train encoder", ["train_encoder.json"], max_epochs=int(e["max_epochs"]), batch_size=int(e["batch_size"]),
               learning_rate=float(e["learning_rate"]), samples_per_epoch=e.get("samples_per_epoch"),
               **e.get("overrides", {}))
-        predict["classifier"] = (["inference.json", "baseline_classifier.json"], {})
         stage("classifier-only heatmaps", predict["classifier"][0], heatmap_dir=str(hm / "classifier"))
         out["classifier"] = hm / "classifier"
     if {"separate", "e2e"} & set(methods):
@@ -249,29 +283,21 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
         stage("train canvas U-Net", ["train_canvas.json"], max_epochs=int(c["max_epochs"]),
               batch_size=int(c["batch_size"]), samples_per_slide=int(c["samples_per_slide"]),
               learning_rate=float(c["learning_rate"]), **canvas_features, **c.get("overrides", {}))
-        predict["separate"] = (["inference.json"], {"mode": "canvas"})
         stage("separate heatmaps", predict["separate"][0], heatmap_dir=str(hm / "separate"), **predict["separate"][1])
         out["separate"] = hm / "separate"
     if "frozen" in methods:
-        c, f = cfg["canvas"], cfg.get("frozen", {})
-        frozen = {"ckpt_dir": str(sd / "models_frozen"), "feature_dir": str(sd / "bundle" / "features_frozen"),
-                  "pretrained_path": f.get("pretrained_path")}
+        c, frozen = cfg["canvas"], {k: v for k, v in predict["frozen"][1].items() if k != "mode"}
         stage("frozen: extract features", ["extract_features.json", "baseline_frozen_features.json"], **frozen)
         stage("frozen: train canvas U-Net", ["train_canvas.json", "baseline_frozen_features.json"],
               max_epochs=int(c["max_epochs"]), batch_size=int(c["batch_size"]),
               samples_per_slide=int(c["samples_per_slide"]), learning_rate=float(c["learning_rate"]), **frozen)
-        predict["frozen"] = (["inference.json", "baseline_frozen_features.json"], {"mode": "canvas", **frozen})
         stage("frozen heatmaps", predict["frozen"][0], heatmap_dir=str(hm / "frozen"), **predict["frozen"][1])
         out["frozen"] = hm / "frozen"
     if "segmentation" in methods:
-        s = cfg["segmentation"]
-        seg = {"ckpt_dir": str(sd / "models_seg"), "seg_downsample": s["seg_downsample"],
-               "seg_crop_size": int(s["seg_crop_size"])}
+        s, seg = cfg["segmentation"], predict["segmentation"][1]
         stage("segmentation only: train + predict", ["baseline_segmentation.json"],
               heatmap_dir=str(hm / "segmentation"), max_epochs=int(s["max_epochs"]), batch_size=int(s["batch_size"]),
               samples_per_slide=int(s["samples_per_slide"]), learning_rate=float(s["learning_rate"]), **seg)
-        # predict only (the trainer is built on the training family's folder but not run)
-        predict["segmentation"] = (["baseline_segmentation.json", "baseline_segmentation_predict.json"], seg)
         out["segmentation"] = hm / "segmentation"
     if "e2e" in methods:
         e2e = cfg["e2e"]
@@ -279,9 +305,6 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
         stage("end-to-end training", ["train_e2e.json"], dataset_dir=str(subset), max_epochs=int(e2e["max_epochs"]),
               encoder_lr=float(e2e["encoder_lr"]), unet_lr=float(e2e["unet_lr"]), chunk_size=int(e2e["chunk_size"]),
               subset_size=e2e.get("subset_size"))
-        models = sd / "models"
-        predict["e2e"] = (["inference.json"], {"mode": "canvas", "encoder_ckpt": str(models / "encoder_e2e.pt"),
-                                               "unet_ckpt": str(models / "unet_e2e.pt")})
         stage("end-to-end heatmaps", predict["e2e"][0], heatmap_dir=str(hm / "e2e"), **predict["e2e"][1])
         out["e2e"] = hm / "e2e"
     out = {m: out[m] for m in METHODS if m in out and m in methods}
@@ -308,6 +331,82 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
     return result
 
 
+def _validation_threshold(cfg: dict, root: Path, heatmaps: dict[int, dict[str, dict[str, Path]]],
+                          truths: dict[str, Path], criterion: str, timings: dict) -> dict[str, Any]:
+    """Rescore every test heatmap at a threshold chosen on the training family's **validation** slides.
+
+    Per seed and method: predict the validation split (``inference.json``, ``split validation``) into
+    ``seed_<s>/heatmaps_validation/<method>/``, fit ``calibration.json`` there (``calibrate.json``), evaluate
+    every test folder with that calibration (``evaluate.json`` with ``calibration`` and ``metrics_dir``
+    ``seed_<s>/metrics_validation_threshold/<family>/<method>/``) and pool the cross-family slides at the same
+    threshold. The segmentation baseline predicts through its own config and is not rescored. Writes
+    ``results_validation_threshold.md``; returns the ``validation_threshold`` entry of ``results.json``.
+    """
+    from monai_wsi_ext.evaluation.report import markdown_table, summarize_runs
+    from monai_wsi_ext.io.atomic import write_json_atomic, write_text_atomic
+    from monai_wsi_ext.testing import cross_family as xf
+
+    train_family = cfg["data"]["family"]
+    prepared = root / "prepared"
+    per_family: dict[str, dict[int, dict[str, Any]]] = {f: {} for f in truths}
+    cross_per_seed: dict[int, dict[str, Any]] = {}
+    calibrations: dict[str, dict[str, Any]] = {}
+    for seed, by_family in heatmaps.items():
+        sd = root / f"seed_{seed}"
+        common, specs = _common_overrides(cfg, seed, sd, prepared), _predict_specs(cfg, sd)
+        methods = [m for m in by_family[train_family] if m != "segmentation"]
+        calibrations[str(seed)] = {}
+        for method in methods:
+            t = time.perf_counter()
+            configs, kw = specs[method]
+            val_dir = sd / "heatmaps_validation" / method
+            logger.info("seed %d: %s heatmaps on the validation slides, threshold by %s", seed, method, criterion)
+            _bundle(configs, **{**common, **kw, "heatmap_dir": str(val_dir), "split": "validation"})
+            _bundle(["calibrate.json"], **{**common, "heatmap_dir": str(val_dir), "criterion": criterion})
+            calibration = val_dir / "calibration.json"
+            record = json.loads(calibration.read_text())
+            calibrations[str(seed)][method] = record
+            metrics_dirs = {}
+            for family, folders in by_family.items():
+                metrics_dirs[family] = sd / "metrics_validation_threshold" / family / method
+                _bundle(["evaluate.json"], heatmap_dir=str(folders[method]), truth_dir=str(truths[family]),
+                        output_dir=str(sd / "bundle"), metrics_dir=str(metrics_dirs[family]),
+                        calibration=str(calibration))
+                per_family[family].setdefault(seed, {})[method] = json.loads(
+                    (metrics_dirs[family] / "metrics_overall.json").read_text())
+            others = [f for f in by_family if f != train_family]
+            if others:
+                pooled = xf.pooled_metrics({f: by_family[f][method] for f in others}, record["threshold"],
+                                           {f: metrics_dirs[f] for f in others})
+                write_json_atomic(sd / "metrics_validation_threshold" / "pooled_cross_family" / method
+                                  / "metrics_overall.json", pooled)
+                cross_per_seed.setdefault(seed, {})[method] = pooled
+            timings[f"seed {seed}: {method} validation threshold"] = round(time.perf_counter() - t, 1)
+    methods = [m for m in cfg["methods"] if m != "segmentation"]
+    families_out = {f: {**xf.family_table(v, methods), "per_seed": v} for f, v in per_family.items()}
+    cross = ({"families": [f for f in truths if f != train_family], **xf.family_table(cross_per_seed, methods),
+              "per_seed": cross_per_seed} if cross_per_seed else None)
+    thresholds = "; ".join(f"seed {s}: " + ", ".join(f"{m} {r['threshold']:.3f}" for m, r in c.items())
+                           for s, c in calibrations.items())
+    caption = (f"Thresholds chosen on the validation slides of `{train_family}` by {criterion} ({thresholds}); "
+               "ranking measures (PR-AUC, ROC-AUC) do not depend on the threshold and equal results.md's.")
+    if cross is None and len(truths) == 1:
+        md = markdown_table(summarize_runs(per_family[train_family], methods), caption=caption)
+    else:
+        md = xf.results_markdown(train_family, list(truths), families_out, cross, caption,
+                                 threshold_text=f"the threshold chosen on the validation slides (by {criterion})")
+    write_text_atomic(root / "results_validation_threshold.md", md)
+    print("\n" + md)
+    return {"criterion": criterion, "calibration": calibrations,
+            "families": {f: {"summary": v["summary"], "differences": v["differences"],
+                             "per_seed": {str(k): r for k, r in v["per_seed"].items()}}
+                         for f, v in families_out.items()},
+            "cross_family": None if cross is None else {
+                "families": cross["families"], "summary": cross["summary"], "differences": cross["differences"],
+                "per_seed": {str(k): r for k, r in cross["per_seed"].items()}},
+            "table_md": str(root / "results_validation_threshold.md")}
+
+
 def run(output_dir: str = "experiment_output", preset: str = "paper_comparison", quick: bool = False,
         seeds: Any = None, methods: Any = None, n_train: int | None = None, n_val: int | None = None,
         n_test: int | None = None, size: int | None = None, data_seed: int | None = None,
@@ -316,7 +415,7 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
         seg_epochs: int | None = None, e2e_epochs: int | None = None, e2e_slides: int | None = None,
         pretrained_path: str | None = None, threads: int | None = None, figure: str | None = None,
         table: str | None = None, max_figure_slides: int = 3, log_level: str = "INFO", family: str | None = None,
-        test_families: Any = None, read_mpp: float | None = None) -> dict:
+        test_families: Any = None, read_mpp: float | None = None, validation_threshold: str | None = None) -> dict:
     """Generate the benchmark, train and evaluate every method for every seed, write the table and the figure.
 
     Args:
@@ -350,6 +449,9 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
         test_families: families whose test split every method predicts, e.g. ``"synthetic,texture,cells"``
             (preset ``test_families``; the training family is always included).
         read_mpp: common read resolution in µm/px (preset ``data.read_mpp``; 0.5 when testing on other families).
+        validation_threshold: also rescore every table at a threshold chosen on the validation slides by this
+            criterion (``accuracy`` or ``balanced_accuracy``; preset ``validation_threshold``; None: 0.5 only);
+            writes ``results_validation_threshold.md`` and ``results.json``'s ``validation_threshold``.
 
     Returns:
         The results (also in ``results.json``; with other test families also ``families``, the per-family
@@ -369,7 +471,7 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
                      normal_looking_tumor_fraction=normal_looking_tumor_fraction, generator=generator,
                      encoder_epochs=encoder_epochs, canvas_epochs=canvas_epochs, seg_epochs=seg_epochs,
                      e2e_epochs=e2e_epochs, e2e_slides=e2e_slides, pretrained_path=pretrained_path, family=family,
-                     test_families=test_families, read_mpp=read_mpp)
+                     test_families=test_families, read_mpp=read_mpp, validation_threshold=validation_threshold)
     preset_name = "quick" if quick else preset
     cfg = _merge(load_preset(preset_name), overrides)
     n_threads = _choose_threads(threads)
@@ -462,6 +564,11 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
                "timings_s": timings, "total_s": round(total, 1), "table_md": str(root / "results.md"),
                "figure": str(fig), "family_figures": family_figures}
     write_json_atomic(root / "results.json", json_clean(results))
+    if cfg.get("validation_threshold"):
+        truths = {train_family: manifests[train_family], **{f: t for f, (_, t) in others.items()}}
+        results["validation_threshold"] = _validation_threshold(cfg, root, heatmaps, truths,
+                                                                cfg["validation_threshold"], timings)
+        write_json_atomic(root / "results.json", json_clean(results))
     if figure:
         Path(figure).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(fig, figure)
@@ -478,5 +585,39 @@ def _cli_run(*args, **kwargs) -> None:
     run(*args, **kwargs)  # printed and saved; returning it would make fire print it again
 
 
+def threshold(output_dir: str, criterion: str = "accuracy", threads: int | None = None,
+              log_level: str = "INFO") -> None:
+    """Rescore a finished run (``run``'s ``output_dir``) at thresholds chosen on its validation slides.
+
+    The same step as ``run --validation_threshold <criterion>``, on the trained models and test heatmaps already
+    there: writes ``results_validation_threshold.md`` and adds ``validation_threshold`` to ``results.json``.
+    """
+    import torch
+
+    from monai_wsi_ext.evaluation.calibration import CRITERIA
+    from monai_wsi_ext.io.atomic import write_json_atomic
+    from monai_wsi_ext.utils import json_clean, setup_logging
+
+    setup_logging(log_level)
+    if criterion not in CRITERIA:
+        raise SystemExit(f"error: criterion {criterion!r} is not one of {list(CRITERIA)}")
+    root = Path(output_dir).resolve()
+    try:
+        results = json.loads((root / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {root / 'results.json'} is not a finished run's results ({e})") from e
+    torch.set_num_threads(_choose_threads(threads))
+    cfg = results["config"]
+    train_family = cfg["data"]["family"]
+    families = results.get("test_families") or [train_family]
+    truths = {f: root / ("data" if f == train_family else f"data_{f}") / "manifest.json" for f in families}
+    heatmaps = {int(seed): {f: {m: root / f"seed_{seed}" / ("heatmaps" if f == train_family else f"heatmaps_{f}") / m
+                                for m in cfg["methods"]} for f in families} for seed in cfg["seeds"]}
+    timings: dict[str, float] = {}
+    results["validation_threshold"] = _validation_threshold(cfg, root, heatmaps, truths, criterion, timings)
+    results["validation_threshold"]["timings_s"] = timings
+    write_json_atomic(root / "results.json", json_clean(results))
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": _cli_run})
+    fire.Fire({"run": _cli_run, "threshold": threshold})

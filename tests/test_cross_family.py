@@ -47,15 +47,15 @@ def _patches(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def _tumor_points(folder: Path) -> list[int]:
-    """Per slide: 8-connected predicted-tumor components (prob > 0.5, tissue) lying entirely in normal cells."""
+def _tumor_points(folder: Path, threshold: float = 0.5) -> list[int]:
+    """Per slide: 8-connected predicted-tumor components (prob > threshold, tissue) lying entirely in normal cells."""
     from scipy.ndimage import label
 
     counts = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         p = np.load(sub / f"{sub.name}_prob.npy")
         y = np.load(sub / f"{sub.name}_labels.npy")
-        pred = np.nan_to_num(p, nan=0.0) > 0.5
+        pred = np.nan_to_num(p, nan=0.0) > threshold
         pred &= y != -2
         comp, n = label(pred, structure=np.ones((3, 3), bool))
         counts.append(sum(bool(np.all(y[comp == k] == 0)) for k in range(1, n + 1)))
@@ -188,6 +188,37 @@ def test_pooled_numbers_match_an_independent_recomputation(quick):
     sep = results["cross_family"]["per_seed"]["0"]["separate"]
     cls = results["cross_family"]["per_seed"]["0"]["classifier"]
     assert diff["pooled_pr_auc"]["values"] == pytest.approx([sep["pooled_pr_auc"] - cls["pooled_pr_auc"]])
+
+
+def test_validation_threshold_tables_match_an_independent_recomputation(quick):
+    """``validation_threshold: accuracy`` (the quick preset): per method the cut that maximises accuracy on the
+    validation slides' heatmaps (brute force here), and every test table rescored at it."""
+    from sklearn.metrics import accuracy_score
+
+    out, results = quick
+    vt = results["validation_threshold"]
+    assert vt["criterion"] == "accuracy" and (out / "results_validation_threshold.md").is_file()
+    for method in METHODS:
+        val = out / "seed_0" / "heatmaps_validation" / method
+        pv, yv = _patches(val)
+        assert 0 < yv.sum() < yv.size
+        t = vt["calibration"]["0"][method]["threshold"]
+        best = max(accuracy_score(yv, (pv > c).astype(int)) for c in np.concatenate([[-1.0], pv]))
+        assert accuracy_score(yv, (pv > t).astype(int)) == pytest.approx(best, abs=1e-12)
+        for fam in FAMILIES:
+            folder = out / "seed_0" / ("heatmaps" if fam == "synthetic" else f"heatmaps_{fam}") / method
+            pf, yf = _patches(folder)
+            row = vt["families"][fam]["per_seed"]["0"][method]
+            assert row["threshold"] == pytest.approx(t)
+            assert row["pooled_accuracy"] == pytest.approx(accuracy_score(yf, (pf > t).astype(int)), abs=1e-12)
+            assert row["mean_tumor_points"] == pytest.approx(np.mean(_tumor_points(folder, t)))
+        parts = [_patches(out / "seed_0" / f"heatmaps_{fam}" / method) for fam in ("texture", "cells")]
+        p, y = np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+        pooled = vt["cross_family"]["per_seed"]["0"][method]
+        assert pooled["pooled_accuracy"] == pytest.approx(accuracy_score(y, (p > t).astype(int)), abs=1e-12)
+        # ranking measures do not move with the threshold
+        at_half = results["cross_family"]["per_seed"]["0"][method]
+        assert pooled["pooled_roc_auc"] == pytest.approx(at_half["pooled_roc_auc"])
 
 
 def test_mixed_training_families(tmp_path):

@@ -228,13 +228,16 @@ def _slide_patches(folder: Path) -> dict[str, dict[str, list]]:
     return out
 
 
-def pooled_metrics(folders: Mapping[str, str | Path], threshold: float = 0.5) -> dict[str, Any]:
+def pooled_metrics(folders: Mapping[str, str | Path], threshold: float = 0.5,
+                   metrics_dirs: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
     """Metrics of the test slides of several heatmap folders pooled (all their patches together).
 
     Args:
         folders: name (e.g. the family) -> heatmap folder already evaluated by ``evaluate.json`` (its
             ``metrics_per_slide.json`` is read).
         threshold: tumor where ``prob > threshold``.
+        metrics_dirs: name -> the folder of that evaluation's ``metrics_per_slide.json`` when it is not the heatmap
+            folder (``evaluate.json``'s ``metrics_dir``; it must have been evaluated at ``threshold``).
 
     Returns:
         :func:`~monai_wsi_ext.evaluation.metrics.summarize`'s keys (``pooled_*`` over every patch of every slide,
@@ -247,7 +250,7 @@ def pooled_metrics(folders: Mapping[str, str | Path], threshold: float = 0.5) ->
     per_slide, sources = [], {}
     for name, folder in folders.items():
         folder = Path(folder)
-        rows = json.loads((folder / "metrics_per_slide.json").read_text())
+        rows = json.loads((Path((metrics_dirs or {}).get(name, folder)) / "metrics_per_slide.json").read_text())
         patches = _slide_patches(folder)
         missing = sorted({r["slide_id"] for r in rows} - set(patches))
         if missing:
@@ -345,7 +348,7 @@ def _slides_text(per_seed: Mapping[Any, Mapping[str, Mapping[str, Any]]]) -> str
 
 def results_markdown(train_family: str, test_families: Sequence[str],
                      families: Mapping[str, Mapping[str, Any]], cross: Mapping[str, Any] | None,
-                     caption: str) -> str:
+                     caption: str, threshold_text: str = "threshold 0.5") -> str:
     """``results.md`` of a cross-family run: in-family table, pooled cross-family table, one table per family.
 
     Args:
@@ -354,11 +357,12 @@ def results_markdown(train_family: str, test_families: Sequence[str],
         families: family -> ``{"per_seed", "markdown", ...}`` (:func:`family_table` plus ``per_seed``).
         cross: the pooled cross-family entry (same keys) or None when every test family is the training family.
         caption: the run's description (sizes, seeds, time).
+        threshold_text: where accuracy, tumor points and Dice are cut (the header's "Accuracy at ...").
     """
     parts = [f"# Cross-family results: trained on `{train_family}`\n",
              "Mean ± sd over seeds; differences are per seed (same seed), then mean ± sd, with the number of seeds "
              "in which the method beats the classifier in brackets (fewer tumor points is better). Accuracy at "
-             "threshold 0.5; PR-AUC is average precision; tumor points are isolated predicted-tumor components "
+             f"{threshold_text}; PR-AUC is average precision; tumor points are isolated predicted-tumor components "
              "entirely in ground-truth normal tissue, per slide.\n"]
     if train_family in families:
         f = families[train_family]
