@@ -209,6 +209,31 @@ def test_mask_png_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tissue_mask.png"]
 
 
+def _hsv_cases(shared_data) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    # flat (grey, black, white) pixels and ties between the largest channels
+    noise[:8, :8], noise[8:16, :8], noise[16:24, :8] = 128, 0, 255
+    noise[24:32, :8], noise[32:40, :8], noise[40:48, :8] = (200, 200, 10), (10, 200, 200), (200, 10, 200)
+    with open_slide(shared_data / "slides/cmu_small_region.svs") as slide:
+        thumb, _ = slide.thumbnail(max_size=512)
+    return [noise, np.ascontiguousarray(thumb[..., :3])]
+
+
+def test_rgb_to_hsv_is_scikit_image_bit_for_bit(shared_data):
+    """The per-plane HSV of tissue detection equals skimage.color.rgb2hsv on the same float32 input exactly, so
+    masks and ink are unchanged by the faster path."""
+    from skimage import color
+
+    from monai_wsi_ext.prep.tissue import rgb_to_hsv
+
+    for image in _hsv_cases(shared_data):
+        ref = color.rgb2hsv(image.astype(np.float32) / 255.0)
+        for i, plane in enumerate(rgb_to_hsv(image)):
+            assert plane.dtype == np.float32 and plane.shape == image.shape[:2]
+            np.testing.assert_array_equal(plane, ref[..., i])
+
+
 # ------------------------------------------------------------------------------------------- real slides
 def test_cmu_tissue_and_grid(shared_data):
     with open_slide(shared_data / "slides/cmu_small_region.svs") as slide:
