@@ -18,7 +18,7 @@ __all__ = ["main"]
 
 def main(output_dir: str = "label_budget_output", preset: str = "default", seed: int = 0, backbone: str | None = None,
          budgets: tuple | None = None, inits: tuple | None = None, canvas: bool | None = None,
-         threads: int | None = None, log_level: str = "INFO") -> None:
+         canvas_budget: bool = False, threads: int | None = None, log_level: str = "INFO") -> None:
     """Run the experiment and print its table (also in ``<output_dir>/results.md``).
 
     Example: ``python scripts/label_budget.py --output_dir /tmp/budget --threads 1``;
@@ -32,6 +32,8 @@ def main(output_dir: str = "label_budget_output", preset: str = "default", seed:
         budgets: label fractions, e.g. ``"(0.01, 0.1, 1.0)"``.
         inits: encoder starts among ``random``, ``autoencoder``, ``simclr``.
         canvas: also train and score the canvas U-Net on each encoder's features.
+        canvas_budget: the canvas U-Net trains on the encoder's label budget too (``canvas_label_fraction``); by
+            default it trains on every training label.
         threads: torch threads (default: torch's).
         log_level: logging level.
     """
@@ -42,7 +44,8 @@ def main(output_dir: str = "label_budget_output", preset: str = "default", seed:
         torch.set_num_threads(int(threads))
     result = run_label_budget(output_dir, preset=preset, seed=seed, backbone=backbone,
                               budgets=list(budgets) if budgets is not None else None,
-                              inits=list(inits) if inits is not None else None, canvas=canvas)
+                              inits=list(inits) if inits is not None else None, canvas=canvas,
+                              canvas_budget=canvas_budget)
     print(markdown(result))
 
 

@@ -519,3 +519,46 @@ def test_train_canvas_runs_with_every_option(nolabel_data, tmp_path):
     sd = torch.load(tmp_path / "models" / "unet.pt", weights_only=True)
     first = next(v for k, v in sd.items() if k.endswith("weight") and v.ndim == 4)
     assert first.shape[1] == FEATURE_DIM + 1
+
+
+def test_canvas_label_budget_keeps_the_encoders_patches(feature_dir, tmp_path):
+    """``canvas_label_fraction``: the U-Net's labels are the same stratified share of the training patches as the
+    encoder's ``label_fraction`` (same fraction and seed), every other labelled cell counts as nolabel."""
+    import json
+
+    from monai_wsi_ext.data.features import budget_cells
+    from monai_wsi_ext.data.patches import label_budget
+
+    items = []
+    for sid in ("a", "b"):
+        d = load_feature_file(feature_dir / f"{sid}.npz")
+        items += [{"slide_id": sid, "row": int(r), "col": int(c), "label": int(y)}
+                  for r, c, y in zip(d["rows"], d["cols"], d["labels"]) if y >= 0]
+    cells = budget_cells(items, 0.1, seed=3)
+    enc = label_budget(items, 0.1, seed=3)
+    assert sum(len(v) for v in cells.values()) == len(enc) and len(enc) < 0.2 * len(items)
+    assert budget_cells(items, 1.0) is None
+    with pytest.raises(ConfigError, match="canvas_label_fraction"):
+        budget_cells(items, 1.5)
+    full = CanvasDataset(str(feature_dir), "training", canvas_size=32)
+    part = CanvasDataset(str(feature_dir), "training", canvas_size=32, labelled_cells=cells)
+    counts = torch.bincount(torch.tensor([i["label"] for i in enc]), minlength=2)
+    assert torch.equal(part.class_counts().long(), counts)  # only the budget's cells are labelled
+    for it_full, it_part in zip(full.items, part.items):
+        sid = it_full["slide_id"]
+        lay = it_full["layout"]
+        keep = {(int(r), int(c)) for r, c in cells.get(sid, ())}
+        for i, (r, c) in enumerate(zip(lay.rows.tolist(), lay.cols.tolist())):
+            j = int(lay.indices[i])
+            want = it_full["labels"][j] if (r, c) in keep or it_full["labels"][j] < 0 else PatchLabel.NOLABEL
+            assert int(it_part["labels"][j]) == int(want)
+    # the config builds the budget from the prepared datalist with the run's seed
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "datalist.json").write_text(json.dumps({"training": items, "validation": []}))
+    parser = _parser("train_canvas.json", feature_dir=str(feature_dir), dataset_dir=str(prepared), seed=3,
+                     canvas_label_fraction=0.1)
+    ds = parser.get_parsed_content("train#dataset")
+    assert torch.equal(ds.class_counts().long(), counts)
+    parser = _parser("train_canvas.json", feature_dir=str(feature_dir), dataset_dir=str(prepared))
+    assert torch.equal(parser.get_parsed_content("train#dataset").class_counts(), full.class_counts())

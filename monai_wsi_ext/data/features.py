@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from monai_wsi_ext.model.predict import append_prob_channel
 from monai_wsi_ext.prep.grid import PatchLabel
 from monai_wsi_ext.utils import split_set
 
-__all__ = ["load_feature_file", "CanvasDataset", "canvas_class_weights", "NOLABEL_TUMOR_FRACTION"]
+__all__ = ["load_feature_file", "CanvasDataset", "canvas_class_weights", "budget_cells", "NOLABEL_TUMOR_FRACTION"]
 
 NOLABEL_TUMOR_FRACTION = 0.5
 """With ``canvas_nolabel_weight``, a nolabel tissue cell is taken as tumor when its annotated tumor fraction (the
@@ -98,6 +99,10 @@ class CanvasDataset(Dataset):
         nolabel_targets: targets for nolabel tissue cells (``canvas_nolabel_weight`` is not null); needs
             ``prepared_dir``.
         prepared_dir: the prepared dataset (``dataset_dir``), read for the tumor fractions with ``nolabel_targets``.
+        labelled_cells: a label budget for the U-Net (``canvas_label_fraction``, :func:`budget_cells`): slide id ->
+            the ``(row, col)`` cells whose labels are used; every other labelled cell of those slides' feature files
+            is treated as nolabel (no loss, not a window anchor, not counted by :meth:`class_counts`). None: every
+            label.
 
     Raises:
         ConfigError: for an option out of range, or ``nolabel_targets`` without ``prepared_dir``.
@@ -109,7 +114,8 @@ class CanvasDataset(Dataset):
                  canvas_mode: str = "slide", train: bool = True, augment: bool = True, multiple: int = 16,
                  seed: int = 0, slide_ids: Sequence[str] | None = None, feature_noise: float = 0.0,
                  cell_dropout: float = 0.0, prob_channel: bool = False, nolabel_targets: bool = False,
-                 prepared_dir: str | None = None, feature_shift: float = 0.0):
+                 prepared_dir: str | None = None, feature_shift: float = 0.0,
+                 labelled_cells: Mapping[str, Iterable[tuple[int, int]]] | None = None):
         splits = split_set(split)
         self.canvas_size, self.train, self.augment = int(canvas_size), train, augment
         self.feature_noise, self.cell_dropout = float(feature_noise), float(cell_dropout)
@@ -138,6 +144,8 @@ class CanvasDataset(Dataset):
             feats = torch.from_numpy(d["features"]).float()
             labels = torch.from_numpy(d["labels"]).long()
             rows, cols = torch.from_numpy(d["rows"]).long(), torch.from_numpy(d["cols"]).long()
+            if labelled_cells is not None:
+                labels = _budget_labels(labels, rows, cols, labelled_cells.get(d["slide_id"], ()))
             slide = {"slide_id": d["slide_id"], "features": feats, "labels": labels, "n_features": feats.shape[1]}
             if self.feature_noise > 0 or self.feature_shift > 0:
                 slide["feature_std"] = feats.std(dim=0, unbiased=False)
@@ -203,6 +211,39 @@ class CanvasDataset(Dataset):
             if bool(torch.rand(1, generator=self.generator) < 0.5):
                 canvas, target = torch.flip(canvas, (2,)), torch.flip(target, (1,))
         return {Keys.IMAGE: canvas.contiguous(), Keys.LABEL: target.contiguous(), "slide_id": item["slide_id"]}
+
+
+def _budget_labels(labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                   keep: Iterable[tuple[int, int]]) -> torch.Tensor:
+    """``labels`` with every labelled (tumor/normal) cell not in ``keep`` set to nolabel."""
+    keep = {(int(r), int(c)) for r, c in keep}
+    kept = torch.tensor([(int(r), int(c)) in keep for r, c in zip(rows.tolist(), cols.tolist())], dtype=torch.bool)
+    out = labels.clone()
+    out[(labels >= 0) & ~kept] = PatchLabel.NOLABEL
+    return out
+
+
+def budget_cells(items: Sequence[Mapping[str, Any]], fraction: float = 1.0, seed: int = 0
+                 ) -> dict[str, set[tuple[int, int]]] | None:
+    """The cells of a label budget for the canvas U-Net (``canvas_label_fraction``): the patches
+    :func:`~monai_wsi_ext.data.patches.label_budget` keeps of ``items`` (a datalist split: ``slide_id``, ``row``,
+    ``col``, ``label``), so that with the same fraction and seed the U-Net learns from the labels the encoder
+    learned from (``train_encoder.json``'s ``label_fraction``).
+
+    Returns:
+        slide id -> set of ``(row, col)``; None for ``fraction`` 1 (every label).
+    """
+    from monai_wsi_ext.data.patches import label_budget
+
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"`canvas_label_fraction` must be in (0, 1], got {fraction}.")
+    if fraction == 1.0:
+        return None
+    out: dict[str, set[tuple[int, int]]] = {}
+    for item in label_budget(items, fraction, seed):
+        out.setdefault(str(item["slide_id"]), set()).add((int(item["row"]), int(item["col"])))
+    return out
 
 
 def _nolabel_classes(path: Path, d: dict, prepared_dir: Path) -> torch.Tensor:

@@ -63,9 +63,13 @@ def _bundle(configs: Sequence[str], **overrides: Any) -> None:
 
 def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int = 0, backbone: str | None = None,
                      budgets: Sequence[float] | None = None, inits: Sequence[str] | None = None,
-                     canvas: bool | None = None) -> dict:
+                     canvas: bool | None = None, canvas_budget: bool = False) -> dict:
     """Run the experiment; returns (and writes to ``results.json``) ``{"settings", "rows", "timings_s"}``, one row
     per (init, budget, method) with the metrics of ``evaluate.json`` on the test slides.
+
+    ``canvas_budget``: the canvas U-Net trains on the same label budget as the encoder (``canvas_label_fraction``
+    = the budget, the encoder's patches: :func:`~monai_wsi_ext.data.features.budget_cells`) instead of every
+    training label.
 
     Raises:
         ConfigError: an unknown preset or init, a budget outside (0, 1].
@@ -80,6 +84,7 @@ def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int 
     cfg["budgets"] = [float(b) for b in (budgets if budgets is not None else cfg["budgets"])]
     cfg["inits"] = list(inits if inits is not None else cfg["inits"])
     cfg["canvas"] = bool(cfg["canvas"] if canvas is None else canvas)
+    cfg["canvas_label_budget"] = bool(canvas_budget)
     backbone = backbone or cfg.pop("backbone")
     cfg.pop("backbone", None)
     bad = [i for i in cfg["inits"] if i not in INITS]
@@ -130,7 +135,7 @@ def run_label_budget(output_dir: str | Path, preset: str = "default", seed: int 
             if cfg["canvas"]:
                 timed(f"{init} {budget:g}: extract features", _bundle, ["extract_features.json"], **stage)
                 timed(f"{init} {budget:g}: train canvas", _bundle, ["train_canvas.json"], **stage,
-                      **cfg["canvas_schedule"])
+                      **cfg["canvas_schedule"], canvas_label_fraction=budget if canvas_budget else 1.0)
                 methods["canvas"] = (["inference.json"], {"mode": "canvas"})
             for method, (configs, kw) in methods.items():
                 folder = run / f"heatmaps_{method}"
@@ -152,7 +157,9 @@ def markdown(result: dict) -> str:
     """The results as a markdown table (accuracy, PR-AUC, ROC-AUC in %, tumor points)."""
     s = result["settings"]
     lines = [f"Label budget: {s['n_train']} training slides ({s['labelled_training_patches']} labelled patches), "
-             f"{s['n_test']} test slides, backbone {s['backbone']}, seed {s['seed']}, preset `{s['preset']}`.", "",
+             f"{s['n_test']} test slides, backbone {s['backbone']}, seed {s['seed']}, preset `{s['preset']}`; the "
+             f"canvas U-Net trained on {'the same label budget' if s.get('canvas_label_budget') else 'every label'}.",
+             "",
              "| encoder start | labels | labelled patches | method | accuracy (%) | PR-AUC (%) | ROC-AUC (%) "
              "| tumor points |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
