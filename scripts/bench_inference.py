@@ -54,9 +54,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-from monai_wsi_ext.io.atomic import write_json_atomic  # noqa: E402
 from monai_wsi_ext.utils import setup_logging  # noqa: E402
-from monai_wsi_ext.testing.bench import cached_synthetic_slide, replace_section  # noqa: E402
+from monai_wsi_ext.testing.bench import cached_synthetic_slide, publish, replace_section  # noqa: E402
 
 __all__ = [
     "MARKER",
@@ -769,12 +768,7 @@ def run(quick: bool = False, densenet: bool = False, batch_sizes: Sequence[int] 
                     compare_sizes, compare_repeats)
     command = "python scripts/bench_inference.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = markdown(res, command.strip())
-    print(md)
-    if output_json:
-        write_json_atomic(output_json, res)
-    if write_md:
-        replace_section(write_md, MARKER, md)
-        print(f"\nwrote the '{MARKER}' section of {write_md}")
+    publish(md, res, MARKER, write_md, output_json)
 
 
 if __name__ == "__main__":

@@ -70,9 +70,8 @@ OMP_POLICY = passive_omp_policy()  # before torch loads its OpenMP runtime; see 
 import fire  # noqa: E402
 import torch  # noqa: E402
 
-from monai_wsi_ext.io.atomic import write_json_atomic  # noqa: E402
 from monai_wsi_ext.runtime import runtime_available  # noqa: E402
-from monai_wsi_ext.testing.bench import replace_section  # noqa: E402
+from monai_wsi_ext.testing.bench import publish  # noqa: E402
 from monai_wsi_ext.utils import setup_logging  # noqa: E402
 
 __all__ = ["MARKER", "CONFIGS", "sweep", "markdown", "run"]
@@ -415,12 +414,7 @@ def run(quick: bool = False, image_size: int = 224, batch_sizes: Sequence[int] =
     command = "python scripts/bench_runtime_sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res["command"] = command.strip()
     md = markdown(res, res["command"])
-    print(md)
-    if output_json:
-        write_json_atomic(output_json, res)
-    if write_md:
-        replace_section(write_md, MARKER, md)
-        print(f"\nwrote the '{MARKER}' section of {write_md}")
+    publish(md, res, MARKER, write_md, output_json)
 
 
 if __name__ == "__main__":

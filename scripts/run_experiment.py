@@ -331,6 +331,16 @@ def _run_seed(cfg: dict, seed: int, root: Path, prepared: Path, truth: Path, tim
     return result
 
 
+def _tables_json(families_out: dict, cross: dict | None) -> dict[str, Any]:
+    """``results.json``'s ``families`` and ``cross_family`` entries (seeds as string keys)."""
+    return {"families": {f: {"summary": v["summary"], "differences": v["differences"],
+                             "per_seed": {str(k): r for k, r in v["per_seed"].items()}}
+                         for f, v in families_out.items()},
+            "cross_family": None if cross is None else {
+                "families": cross["families"], "summary": cross["summary"], "differences": cross["differences"],
+                "per_seed": {str(k): r for k, r in cross["per_seed"].items()}}}
+
+
 def _validation_threshold(cfg: dict, root: Path, heatmaps: dict[int, dict[str, dict[str, Path]]],
                           truths: dict[str, Path], criterion: str, timings: dict) -> dict[str, Any]:
     """Rescore every test heatmap at a threshold chosen on the training family's **validation** slides.
@@ -397,13 +407,7 @@ def _validation_threshold(cfg: dict, root: Path, heatmaps: dict[int, dict[str, d
                                  threshold_text=f"the threshold chosen on the validation slides (by {criterion})")
     write_text_atomic(root / "results_validation_threshold.md", md)
     print("\n" + md)
-    return {"criterion": criterion, "calibration": calibrations,
-            "families": {f: {"summary": v["summary"], "differences": v["differences"],
-                             "per_seed": {str(k): r for k, r in v["per_seed"].items()}}
-                         for f, v in families_out.items()},
-            "cross_family": None if cross is None else {
-                "families": cross["families"], "summary": cross["summary"], "differences": cross["differences"],
-                "per_seed": {str(k): r for k, r in cross["per_seed"].items()}},
+    return {"criterion": criterion, "calibration": calibrations, **_tables_json(families_out, cross),
             "table_md": str(root / "results_validation_threshold.md")}
 
 
@@ -555,13 +559,7 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
                            "torch": torch.__version__, "numpy": np.__version__},
                "summary": summary_rows, "per_seed": {str(k): v for k, v in per_seed.items()},
                "train_family": train_family, "test_families": test_families, "cell_um": cell_um,
-               "families": {f: {"summary": v["summary"], "differences": v["differences"],
-                                "per_seed": {str(k): r for k, r in v["per_seed"].items()}}
-                            for f, v in families_out.items()},
-               "cross_family": None if cross is None else {
-                   "families": cross["families"], "summary": cross["summary"], "differences": cross["differences"],
-                   "per_seed": {str(k): r for k, r in cross["per_seed"].items()}},
-               "timings_s": timings, "total_s": round(total, 1), "table_md": str(root / "results.md"),
+               **_tables_json(families_out, cross), "timings_s": timings, "total_s": round(total, 1), "table_md": str(root / "results.md"),
                "figure": str(fig), "family_figures": family_figures}
     write_json_atomic(root / "results.json", json_clean(results))
     if cfg.get("validation_threshold"):

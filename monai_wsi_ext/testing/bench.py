@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from monai_wsi_ext.io.atomic import write_json_atomic, write_text_atomic
 
@@ -75,3 +76,15 @@ def replace_section(path: str | os.PathLike, marker: str, body: str, title: str 
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     write_text_atomic(path, text)
     return path
+
+
+def publish(md: str, result: Any, marker: str, write_md: str | os.PathLike | None = None,
+            output_json: str | os.PathLike | None = None) -> None:
+    """The end of a benchmark script: print the Markdown, write the raw results to ``output_json`` and replace the
+    ``marker`` section of ``write_md`` (:func:`replace_section`), each when given."""
+    print(md)
+    if output_json:
+        write_json_atomic(output_json, result)
+    if write_md:
+        replace_section(write_md, marker, md)
+        print(f"\nwrote the '{marker}' section of {write_md}")
