@@ -227,6 +227,26 @@ def test_overlay_png(tmp_path):
     np.testing.assert_array_equal(out[2 * 8 + 4, 3 * 8 + 4], inner)  # inside blob A (cell (2, 3)), not outline
 
 
+def test_overlay_png_equals_the_whole_image_blend(tmp_path):
+    """The overlay blends only tissue pixels; every pixel equals the full-image formula (float32 blend where the
+    sampled cell has tissue, the thumbnail elsewhere) on a random thumbnail with a non-integer downsample."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    thumb = rng.integers(0, 256, (61, 53, 3), dtype=np.uint8)
+    prob = rng.random((7, 6))
+    prob[rng.random(prob.shape) < 0.4] = np.nan
+    ds, alpha = 37.3, 0.4
+    out = np.asarray(Image.open(write_overlay_png(tmp_path / "o.png", thumb, ds, prob, CELL, alpha=alpha)))
+    r = np.floor((np.arange(61) + 0.5) * ds / CELL).astype(int)
+    c = np.floor((np.arange(53) + 0.5) * ds / CELL).astype(int)
+    inside = (r[:, None] < 7) & (c[None, :] < 6)
+    p = np.where(inside, prob[np.minimum(r, 6)][:, np.minimum(c, 5)], np.nan)
+    colour = apply_colormap(p, "jet").astype(np.float32)
+    blend = np.rint((1.0 - alpha) * thumb.astype(np.float32) + alpha * colour).astype(np.uint8)
+    np.testing.assert_array_equal(out, np.where(np.isfinite(p)[..., None], blend, thumb))
+
+
 def test_overlay_png_anisotropic_downsample_and_no_outline(tmp_path):
     from PIL import Image
 

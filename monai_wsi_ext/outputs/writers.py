@@ -495,10 +495,13 @@ def write_overlay_png(
     padded = np.pad(arr, ((0, 1), (0, 1)), constant_values=np.nan)  # index -1 -> NaN (no tissue)
     p = padded[np.ix_(rows, cols)]
     tissue = ~np.isnan(p)
-    # colour-mapped once per grid cell, then sampled (the map is per element, so this equals mapping every pixel)
-    colour = apply_colormap(padded, colormap)[np.ix_(rows, cols)]
-    blend = np.rint((1.0 - alpha) * thumb.astype(np.float32) + alpha * colour.astype(np.float32)).astype(np.uint8)
-    out = np.where(tissue[..., None], blend, thumb)
+    # colour-mapped once per grid cell and blended only at tissue pixels (the map and the blend are per element,
+    # so this equals mapping and blending every pixel of a full-size image, at a fraction of its memory and time)
+    ti, tj = np.nonzero(tissue)
+    colour = apply_colormap(padded, colormap)[rows[ti], cols[tj]]
+    out = thumb.copy()
+    out[ti, tj] = np.rint((1.0 - alpha) * thumb[ti, tj].astype(np.float32)
+                          + alpha * colour.astype(np.float32)).astype(np.uint8)
     if threshold is not None:
         from scipy.ndimage import binary_erosion
 
