@@ -71,3 +71,43 @@ def test_patch_encoder_with_any_backbone_trains_saves_loads_and_exports(name, tm
         scripted = torch.jit.script(enc)
     with torch.no_grad():
         torch.testing.assert_close(scripted.features(x), enc.features(x))
+
+
+# every backbone of bundle/docs/encoders.md's table
+TABLE_BACKBONES = ["googlenet", "densenet121", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn",
+                   "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large", "convnext_tiny", "monai:seresnet50",
+                   "monai:efficientnet-b0", "small_cnn"]
+
+
+@pytest.mark.parametrize("name", TABLE_BACKBONES)
+def test_every_table_backbone_builds_encodes_and_reloads(name, tmp_path):
+    """Each backbone of the docs table as a ``PatchEncoder``: features of ``feature_dim``, head logits, and a strict
+    reload of its state dict giving the same features."""
+    from monai_wsi_ext.model.networks import PatchEncoder, load_checkpoint
+
+    torch.manual_seed(0)
+    enc = PatchEncoder(name, feature_dim=16).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        feats, logits = enc.features(x), enc(x)
+    assert feats.shape == (2, 16) and logits.shape == (2, 2) and torch.isfinite(feats).all()
+    torch.save(enc.state_dict(), tmp_path / "encoder.pt")
+    again = PatchEncoder(name, feature_dim=16).eval()
+    load_checkpoint(again, tmp_path / "encoder.pt", option="encoder_ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(again.features(x), feats)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "small_cnn"])
+def test_other_backbones_export_to_onnx(name):
+    """The ONNX export (the default export path) of an encoder on a non-paper backbone, checked against eager."""
+    pytest.importorskip("onnxruntime")
+    from monai_wsi_ext.model.networks import PatchEncoder
+    from monai_wsi_ext.runtime.backends import open_session
+    from monai_wsi_ext.runtime.onnx import export_onnx, onnx_max_abs_diff
+
+    torch.manual_seed(0)
+    enc = PatchEncoder(name, feature_dim=16).eval()
+    model = export_onnx(enc, "encoder", example=torch.rand(2, 3, 64, 64))
+    diff = onnx_max_abs_diff(open_session(model, "onnxruntime"), enc, "encoder", torch.rand(3, 3, 64, 64))
+    assert set(diff) == {"features", "logits"} and max(diff.values()) < 1e-4, diff
