@@ -17,8 +17,8 @@ Cross-family (issue 11): ``data.family`` is the training family (``synthetic``, 
 trained method predicts (default: only the training family, the behaviour above; ``data.family`` may be a mix,
 ``["synthetic", "cells"]`` or ``"synthetic+cells"``, whose test slides form the in-family table),
 ``family_kwargs`` per-family generator settings and ``data.read_mpp`` the common read resolution (every family is
-prepared with ``PrepareConfig.target_mpp = read_mpp``, so the grid cell is the same µm on every family; checked). A test
-family other than the training one gets ``data_<family>/``, ``prepared_<family>/`` (test split only) and
+prepared with ``PrepareConfig.target_mpp = read_mpp``, so the grid cell is the same µm on every family; checked).
+A test family other than the training one gets ``data_<family>/``, ``prepared_<family>/`` (test split only) and
 ``seed_<s>/heatmaps_<family>/<method>/`` (evaluated with ``evaluate.json`` against that family's truth); the
 pooled cross-family metrics (all those slides, patches pooled) go to
 ``seed_<s>/pooled_cross_family/<method>/metrics_overall.json``; ``results.md`` then has the in-family, pooled
@@ -165,11 +165,7 @@ def _merge(preset: dict, overrides: dict) -> dict:
     if overrides.get("validation_threshold") is not None:
         cfg["validation_threshold"] = overrides["validation_threshold"]
     if cfg.get("validation_threshold"):
-        from monai_wsi_ext.evaluation.calibration import CRITERIA
-
-        if cfg["validation_threshold"] not in CRITERIA:
-            raise SystemExit(f"error: validation_threshold {cfg['validation_threshold']!r} is not one of "
-                             f"{list(CRITERIA)}")
+        _criterion(cfg["validation_threshold"])
     if overrides.get("seeds") is not None:
         seeds = overrides["seeds"]
         cfg["seeds"] = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
@@ -219,6 +215,17 @@ def _out_of_fold_features(cfg: dict, sd: Path, prepared: Path, stage) -> Path:
               feature_dir=str(fold_dir / "features"))
         sources.update({sid: fold_dir / "features" for sid in fold})
     return assemble_features(sd / "bundle" / "features_oof", sources)
+
+
+def _criterion(criterion: str) -> str:
+    """A threshold criterion of :mod:`monai_wsi_ext.evaluation.calibration`, or exit with its message."""
+    from monai_wsi_ext.errors import ConfigError
+    from monai_wsi_ext.evaluation.calibration import check_criterion
+
+    try:
+        return check_criterion(criterion)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def _common_overrides(cfg: dict, seed: int, sd: Path, prepared: Path) -> dict[str, Any]:
@@ -559,7 +566,8 @@ def run(output_dir: str = "experiment_output", preset: str = "paper_comparison",
                            "torch": torch.__version__, "numpy": np.__version__},
                "summary": summary_rows, "per_seed": {str(k): v for k, v in per_seed.items()},
                "train_family": train_family, "test_families": test_families, "cell_um": cell_um,
-               **_tables_json(families_out, cross), "timings_s": timings, "total_s": round(total, 1), "table_md": str(root / "results.md"),
+               **_tables_json(families_out, cross), "timings_s": timings, "total_s": round(total, 1),
+               "table_md": str(root / "results.md"),
                "figure": str(fig), "family_figures": family_figures}
     write_json_atomic(root / "results.json", json_clean(results))
     if cfg.get("validation_threshold"):
@@ -592,13 +600,11 @@ def threshold(output_dir: str, criterion: str = "accuracy", threads: int | None 
     """
     import torch
 
-    from monai_wsi_ext.evaluation.calibration import CRITERIA
     from monai_wsi_ext.io.atomic import write_json_atomic
     from monai_wsi_ext.utils import json_clean, setup_logging
 
     setup_logging(log_level)
-    if criterion not in CRITERIA:
-        raise SystemExit(f"error: criterion {criterion!r} is not one of {list(CRITERIA)}")
+    _criterion(criterion)
     root = Path(output_dir).resolve()
     try:
         results = json.loads((root / "results.json").read_text())

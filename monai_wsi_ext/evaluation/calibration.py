@@ -41,7 +41,7 @@ import numpy as np
 from monai_wsi_ext.errors import ConfigError, MonaiWsiExtError
 from monai_wsi_ext.labels import LABEL_NORMAL, LABEL_TUMOR
 
-__all__ = ["CRITERIA", "choose_threshold", "fit_platt", "apply_platt", "expected_calibration_error",
+__all__ = ["CRITERIA", "check_criterion", "choose_threshold", "fit_platt", "apply_platt", "expected_calibration_error",
            "fit_calibration", "load_calibration", "threshold_of", "HeatmapCalibrator", "CALIBRATION_FILE"]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,17 @@ CALIBRATION_FILE = "calibration.json"
 """File name :class:`HeatmapCalibrator` writes by default (in the validation heatmap folder)."""
 
 _EPS = 1e-6
+
+
+def check_criterion(criterion: str) -> str:
+    """``criterion`` when it is one of :data:`CRITERIA`.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if criterion not in CRITERIA:
+        raise ConfigError(f"calibration criterion {criterion!r} is not one of {list(CRITERIA)}.")
+    return criterion
 
 
 def _check_pairs(probs: Any, labels: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +105,7 @@ def choose_threshold(probs: Any, labels: Any, criterion: str = "accuracy", where
         ConfigError: unknown criterion.
         MonaiWsiExtError: sizes differ, a probability is not finite, or only one class is present.
     """
-    if criterion not in CRITERIA:
-        raise ConfigError(f"calibration criterion {criterion!r} is not one of {list(CRITERIA)}.")
+    check_criterion(criterion)
     p, y = _check_pairs(probs, labels, where)
     values, inverse = np.unique(p, return_inverse=True)
     tumor_at = np.bincount(inverse, weights=y, minlength=values.size)
@@ -259,8 +269,7 @@ class HeatmapCalibrator:
     """``calibrate.json``'s runner: :func:`fit_calibration` on one validation heatmap folder."""
 
     def __init__(self, heatmap_dir: str, output: str | None = None, criterion: str = "accuracy"):
-        if criterion not in CRITERIA:
-            raise ConfigError(f"calibration criterion {criterion!r} is not one of {list(CRITERIA)}.")
+        check_criterion(criterion)
         self.heatmap_dir, self.output, self.criterion = heatmap_dir, output, criterion
 
     def run(self) -> dict[str, Any]:
