@@ -272,6 +272,16 @@ def export_network(
     filepath = _export_path(filepath, ".ts")
     if use_trace and input_shape is None:
         input_shape = [1, 3, 224, 224] if network == "encoder" else None  # None: taken from the metadata
+    eager = None
+    if network == "encoder":  # the checkpoint decides the stain method (it replaces the configured one)
+        from monai_wsi_ext.runtime.onnx import torch_stain_step
+
+        eager = _eager_network(config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root),
+                               **override)
+        if torch_stain_step(eager) is not None:
+            raise ConfigError(f"{ckpt_file}: an encoder with Vahadane stain normalisation does not script to "
+                              "TorchScript (legacy); export it to ONNX (the default format), whose runtimes run "
+                              "the stain step in torch.")
     with atomic_path(filepath) as tmp:
         ckpt_export(
             net_id="network_def",
@@ -286,9 +296,10 @@ def export_network(
             **override,
         )
         if check_shape is None or len(check_shape):  # checked before the rename: a bad export leaves no file
-            eager = _eager_network(
-                config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override
-            )
+            if eager is None:
+                eager = _eager_network(
+                    config_files, meta, str(ckpt_file), key_in_ckpt, bundle_root=str(bundle_root), **override
+                )
             if check_shape is None:
                 check_shape = (1, int(getattr(eager, "in_channels", 3)), 64, 64)
             check_exported(tmp, eager, check_shape)

@@ -252,9 +252,11 @@ class PatchEncoder(nn.Module):
         input_norm: the input normalisation in front of the backbone
             (:class:`~monai_wsi_ext.model.normalization.InputNormalization`: ``unit`` = the [0, 1] patches as they
             are, ``symmetric``, ``imagenet``, ``standardize``); saved with the weights when not ``unit``.
-        input_stain_norm: None, or ``"reinhard"`` for Reinhard colour normalisation of each patch before the input
-            normalisation (:class:`~monai_wsi_ext.model.normalization.ReinhardNormalization`; its target is
-            fitted on a reference image and saved with the weights).
+        input_stain_norm: None, ``"reinhard"`` (Reinhard colour normalisation,
+            :class:`~monai_wsi_ext.model.normalization.ReinhardNormalization`) or ``"vahadane"`` (Vahadane stain
+            normalisation, :class:`~monai_wsi_ext.model.normalization.VahadaneNormalization`, the ``stain``
+            extra) of each patch before the input normalisation; its target is fitted on a reference image and
+            saved with the weights.
 
     Note:
         GoogLeNet is built with ``transform_input=False``; torchvision's ImageNet GoogLeNet weights expect
@@ -273,10 +275,12 @@ class PatchEncoder(nn.Module):
         input_stain_norm: str | None = None,
     ) -> None:
         super().__init__()
-        from monai_wsi_ext.model.normalization import InputNormalization, ReinhardNormalization
+        from monai_wsi_ext.model.normalization import (STAIN_NORMS, InputNormalization, ReinhardNormalization,
+                                                       VahadaneNormalization)
 
-        if input_stain_norm not in (None, "reinhard"):
-            raise ConfigError(f"`input_stain_norm` must be None or 'reinhard', got {input_stain_norm!r}.")
+        if input_stain_norm not in (None, *STAIN_NORMS):
+            raise ConfigError(f"`input_stain_norm` must be None or one of {list(STAIN_NORMS)}, "
+                              f"got {input_stain_norm!r}.")
         if not isinstance(backbone, str) or not backbone:
             raise ConfigError(f"`backbone` must be a name ({BACKBONES} or one of monai_wsi_ext.model.backbones), "
                               f"got {backbone!r}.")
@@ -303,15 +307,34 @@ class PatchEncoder(nn.Module):
         self.feature = nn.Linear(self.backbone.out_features, self.feature_dim)
         self.act = nn.ReLU() if feature_activation == "relu" else nn.Identity()
         self.head = nn.Linear(self.feature_dim, self.num_classes)
-        self.stain_norm = ReinhardNormalization(input_stain_norm == "reinhard")
+        self.stain_norm = VahadaneNormalization(True) if input_stain_norm == "vahadane" \
+            else ReinhardNormalization(input_stain_norm == "reinhard")
         self.input_norm = InputNormalization(input_norm)
+        self._register_load_state_dict_pre_hook(self._stain_method_of_checkpoint)
         if pretrained_path is not None:
             self.load_weights(pretrained_path)
+
+    def _stain_method_of_checkpoint(self, state_dict, prefix, *args) -> None:
+        """Before loading: a checkpoint whose stain normalisation is the other method replaces the module (the
+        checkpoint's normalisation wins, as for the input normalisation; its buffers then load into it)."""
+        from monai_wsi_ext.model.normalization import ReinhardNormalization, VahadaneNormalization
+
+        for cls in (VahadaneNormalization, ReinhardNormalization):
+            if all(f"{prefix}stain_norm.{k}" in state_dict for k in cls._keys) and not isinstance(self.stain_norm,
+                                                                                                    cls):
+                logger.info("%sstain_norm: the checkpoint's is %s", prefix, cls.__name__)
+                device = next(self.stain_norm.buffers()).device
+                self.stain_norm = cls(False).to(device)
 
     @torch.jit.export
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) patches -> (B, feature_dim) canvas features (also exported in TorchScript)."""
-        return self.feature(self.dropout(self.backbone(self.input_norm(self.stain_norm(x)))))
+        return self.features_after_stain(self.stain_norm(x))
+
+    def features_after_stain(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` of patches already stain-normalised (the exported graph when the stain step does not
+        export, see :data:`~monai_wsi_ext.model.normalization.META_STAIN_NORM`)."""
+        return self.feature(self.dropout(self.backbone(self.input_norm(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) patches -> (B, num_classes) logits."""

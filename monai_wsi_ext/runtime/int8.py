@@ -252,7 +252,10 @@ def calibrate_int8(model_dir: str | os.PathLike, prepared_dir: str | os.PathLike
     transform = make_patch_transform(False, st.get("crop_size", 224), bool(st.get("stain_normalize", False)))
     patches, used = calibration_patches(calib, n_patches, transform, backend, seed)
     out_file = model_dir / f"encoder{suffix}{INT8_SUFFIX}"
-    quantize_encoder(fp32_enc, patches, out_file, method=method, batch_size=batch_size,
+    # the graph's own input: after a stain step that runs in torch (Vahadane), as inference feeds it
+    with torch.no_grad():
+        graph_in = torch.cat([enc32.preprocess(patches[i:i + 64]) for i in range(0, len(patches), 64)])
+    quantize_encoder(fp32_enc, graph_in, out_file, method=method, batch_size=batch_size,
                      metadata={"wsi_canvas.calibration": json.dumps({"n_patches": len(patches), "slides": used,
                                                                      "method": method, "seed": seed})})
     enc8 = RuntimeNetwork(None, "encoder", runtime, "int8", out_file, _report_check=False)

@@ -72,6 +72,7 @@ class RuntimeNetwork(nn.Module):
         self._device = torch.device(device) if device is not None else None
         self._session = None
         self._fingerprint = None
+        self._file_stain = None
         self.metadata: dict[str, str] = {}
         self.settings: dict = {}
         if self.model_file is not None:
@@ -100,6 +101,10 @@ class RuntimeNetwork(nn.Module):
         if file_precision == "int8":
             self.precision = "int8"
         self.metadata = meta
+        if self.network == "encoder":
+            from monai_wsi_ext.model.normalization import stain_norm_from_metadata
+
+            self._file_stain = stain_norm_from_metadata(meta)
         self.settings = _json(meta.get(META_SETTINGS))
         if self.settings.get("feature_dim") is not None:
             self.feature_dim = int(self.settings["feature_dim"])
@@ -154,8 +159,22 @@ class RuntimeNetwork(nn.Module):
                 act = getattr(enc, "act", None)
                 logits = enc.head(act(f) if act is not None else f)
             return f.float(), logits.float()
+        x = self.preprocess(x)
         f, logits = self.session(x)(x)
         return f, logits
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """What runs in torch before an ONNX encoder graph: the stain normalisation that does not export
+        (Vahadane; from the model file's metadata or the eager module), else nothing."""
+        if self.network != "encoder" or self.runtime == "torch":
+            return x
+        if self.model_file is not None:
+            stain = self._file_stain
+        else:
+            from monai_wsi_ext.runtime.onnx import torch_stain_step
+
+            stain = torch_stain_step(self.module)
+        return x if stain is None else stain(x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder: the (N, feature_dim) features."""

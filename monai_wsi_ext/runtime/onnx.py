@@ -6,7 +6,10 @@ a dynamic batch axis and the patch size of the example (the crop the settings gi
 ``crop_size``, else ``patch_size``; a runtime network exports for the size of the first batch it gets, and again
 for another size). The U-Net graph takes ``canvas`` (N, C, H, W) and returns ``logits`` (N, K, H, W), with dynamic
 batch, height and width (any canvas whose sides the U-Net's strides divide). Export uses ``torch.onnx.export`` with
-the ``torch.export``-based (dynamo) exporter; the TorchScript-based one is deprecated in this torch release.
+the ``torch.export``-based (dynamo) exporter; the TorchScript-based one is deprecated in this torch release. An
+encoder whose stain normalisation does not export (Vahadane's per-patch dictionary learning) is exported from after
+that step, with the step's settings under ``wsi_canvas.stain_norm``; :class:`~monai_wsi_ext.runtime.RuntimeNetwork`
+runs it in torch before the graph.
 
 The model's ``metadata_props`` carry :data:`META_NETWORK` (``encoder``/``unet``), :data:`META_PRECISION`
 (``fp32``/``int8``), :data:`META_SETTINGS` (the resolved settings JSON of
@@ -33,7 +36,8 @@ from monai_wsi_ext.errors import ConfigError
 from monai_wsi_ext.io.atomic import atomic_path
 
 __all__ = ["NETWORK_KINDS", "META_NETWORK", "META_PRECISION", "META_SETTINGS", "META_BUNDLE", "EncoderGraph",
-           "require_onnx", "export_onnx", "read_onnx_metadata", "set_onnx_metadata", "onnx_max_abs_diff"]
+           "require_onnx", "export_onnx", "torch_stain_step", "read_onnx_metadata", "set_onnx_metadata",
+           "onnx_max_abs_diff"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +60,18 @@ class EncoderGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.encoder
-        f = enc.features(x)
+        f = enc.features_after_stain(x) if torch_stain_step(enc) is not None else enc.features(x)
         act = getattr(enc, "act", None)
         return f, enc.head(act(f) if act is not None else f)
+
+
+def torch_stain_step(encoder: nn.Module) -> nn.Module | None:
+    """The encoder's active stain normalisation when it does not export (Vahadane), else None. The exported graph
+    then starts after it and :data:`~monai_wsi_ext.model.normalization.META_STAIN_NORM` describes it."""
+    stain = getattr(getattr(encoder, "module", encoder), "stain_norm", None)
+    if stain is not None and getattr(stain, "active", False) and not getattr(stain, "exportable", True):
+        return stain
+    return None
 
 
 def require_onnx(dynamo: bool = False):
@@ -170,6 +183,11 @@ def export_onnx(module: nn.Module, network: str, filepath: str | os.PathLike | N
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
     meta = {META_NETWORK: network, META_PRECISION: "fp32"}
+    stain = torch_stain_step(module) if network == "encoder" else None
+    if stain is not None:
+        from monai_wsi_ext.model.normalization import META_STAIN_NORM
+
+        meta[META_STAIN_NORM] = json.dumps(stain.settings())
     if settings is not None:
         meta[META_SETTINGS] = json.dumps(dict(settings), default=str)
     meta.update(metadata or {})
