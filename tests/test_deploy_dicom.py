@@ -104,7 +104,7 @@ def test_map_application_folder_and_named_models(models, tmp_path):
     lines = [line for line in (app / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for req in [*project["dependencies"], *project["optional-dependencies"]["dicom"],
-                *project["optional-dependencies"]["deploy"]]:
+                *project["optional-dependencies"]["deploy"], *project["optional-dependencies"]["stain"]]:
         assert req in lines, req
     assert lines == requirements() and len(lines) == len({line.split("=")[0].split(">")[0] for line in lines})
     assert (app / "monai_wsi_ext" / "io" / "dicom.py").is_file() and not list(app.rglob("__pycache__"))

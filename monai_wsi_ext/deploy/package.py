@@ -6,7 +6,7 @@ Docker) copies the app folder into a Holoscan image, installs its ``requirements
 
     <app>/__main__.py          # runs monai_wsi_ext.deploy.app.main (template in monai_wsi_ext/deploy/map_app/)
     <app>/app.yaml             # the MAP manifest: title, version, input/output formats, resources
-    <app>/requirements.txt     # the project's dependencies and its `dicom` and `deploy` extras, from pyproject.toml
+    <app>/requirements.txt     # the project's dependencies and its `dicom`, `deploy` and `stain` extras
     <app>/monai_wsi_ext/       # a copy of the package (it is not on PyPI)
 
 and, from an export folder, the named-model layout MONAI Deploy uses for several models::
@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 #: ``__main__.py`` and ``app.yaml`` of the application folder
 TEMPLATE_DIR = Path(__file__).resolve().parent / "map_app"
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
-_EXTRAS = ("dicom", "deploy")
+# `stain`: an encoder with Vahadane stain normalisation runs that step in torch-staintools (a few MB)
+_EXTRAS = ("dicom", "deploy", "stain")
 
 
 def requirements(pyproject: str | os.PathLike | None = None, extras=_EXTRAS) -> list[str]:
