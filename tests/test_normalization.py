@@ -144,3 +144,26 @@ def test_bundle_configs_pass_and_fit_the_normalisation(prepared_dataset, shared_
     assert net.stain_norm.fitted
     assert np.allclose(net.stain_norm.target_mean.flatten().tolist(), fit_reinhard_target(ref)[0], atol=1e-4)
     assert not torch.allclose(net.input_norm.std, torch.ones(1, 3, 1, 1))
+
+
+def test_normalisation_survives_onnx_export_and_the_deploy_loader(shared_data, tmp_path):
+    """The bundle's ONNX export of a checkpoint with ``standardize`` statistics and a Reinhard target (both in the
+    graph), from a default config (the checkpoint's normalisation is taken, as in inference), loaded by the MONAI
+    Deploy application's model loader, gives the eager encoder's features; without the normalisation they differ."""
+    pytest.importorskip("onnxruntime")
+    from monai_wsi_ext.deploy.models import load_exported_models
+    from monai_wsi_ext.export.bundle import export_onnx_network
+
+    enc = _fitted_encoder(shared_data)
+    torch.save(enc.state_dict(), tmp_path / "encoder.pt")
+    export_onnx_network("encoder", tmp_path / "encoder.pt", tmp_path / "models" / "encoder.onnx",
+                        bundle_root=CONFIGS.parent, backbone="small_cnn", patch_size=64, crop_size=64)
+    models = load_exported_models(tmp_path / "models", runtime="onnxruntime")
+    assert models.unet is None
+    x = _image(sorted((shared_data / "patches" / "crc").glob("STR-*.png"))[0])[..., :64, :64]
+    with torch.no_grad():
+        want = enc.features(x)
+        got = models.encoder.features(x)
+        plain = enc.feature(enc.backbone(x))  # neither normalisation
+    assert float((got - want).abs().max()) < 1e-5
+    assert float((plain - want).abs().max()) > 1e-3

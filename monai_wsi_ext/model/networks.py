@@ -326,6 +326,19 @@ class PatchEncoder(nn.Module):
                 device = next(self.stain_norm.buffers()).device
                 self.stain_norm = cls(False).to(device)
 
+    @torch.jit.unused
+    def optional_state_keys(self) -> set[str]:
+        """State-dict keys a checkpoint may hold although this encoder's configuration does not save them: the
+        statistics of the input normalisation and the target of either stain method. Loading them sets the
+        checkpoint's normalisation (see :mod:`~monai_wsi_ext.model.normalization`)."""
+        from monai_wsi_ext.model.normalization import (InputNormalization, ReinhardNormalization,
+                                                       VahadaneNormalization)
+
+        keys = {f"input_norm.{k}" for k in InputNormalization._keys}
+        for cls in (ReinhardNormalization, VahadaneNormalization):
+            keys |= {f"stain_norm.{k}" for k in cls._keys}
+        return keys
+
     @torch.jit.export
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) patches -> (B, feature_dim) canvas features (also exported in TorchScript)."""
@@ -433,7 +446,9 @@ def load_checkpoint(
     own = network.state_dict()
     required = [k for k in own if not (drop_head and k.startswith("head."))]
     missing = [k for k in required if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+    # the normalisation a checkpoint carries is taken whatever the config said (PatchEncoder.optional_state_keys)
+    optional = network.optional_state_keys() if hasattr(network, "optional_state_keys") else set()
+    unexpected = [k for k in sd if k not in own and k not in optional]
     mismatched = [k for k in required if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
         parts = [f"{len(required) - len(missing) - len(mismatched)} of the network's {len(required)} tensors match"]
