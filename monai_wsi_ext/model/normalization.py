@@ -360,6 +360,7 @@ class VahadaneNormalization(_SavedWhenActive):
     """
 
     _keys = ("stain_matrix", "max_concentration")
+    exportable = False  # dictionary learning per patch: the ONNX graph starts after it, see META_STAIN_NORM
 
     def __init__(self, enabled: bool = False, estimate_stride: int = 4, luminosity_threshold: float = 0.8,
                  seed: int = 0, min_tissue_pixels: int = 64) -> None:
@@ -379,8 +380,6 @@ class VahadaneNormalization(_SavedWhenActive):
         self._impl = None
         if self.active:
             self._library()  # fail at construction, not at the first batch, when the package is missing
-
-    exportable = False  # dictionary learning per patch: see META_STAIN_NORM
 
     def _library(self):
         if self._impl is None:
